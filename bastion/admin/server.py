@@ -1,0 +1,73 @@
+"""The admin listener (127.0.0.1 by default), served by every worker from the shared socket.
+
+GET /metrics   Prometheus text, summed over all workers (prometheus_client multiprocess mode)
+GET /healthz   200 "ok" while the worker is not draining
+POST /reload   asks the master to reload the configuration (same as SIGHUP)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from httptools import HttpParserError, HttpRequestParser
+
+from bastion.http.headers import status_line
+
+
+def render_metrics() -> bytes:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry)
+
+
+class AdminConnection(asyncio.Protocol):
+    def __init__(self, worker):
+        self.worker = worker
+        self.transport = None
+        self.parser = HttpRequestParser(self)
+        self.url = b""
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        try:
+            self.parser.feed_data(data)
+        except HttpParserError:
+            self._send(400, b"bad request\n", b"text/plain")
+
+    def on_url(self, url: bytes):
+        self.url += url
+
+    def on_message_complete(self):
+        method = self.parser.get_method()
+        path = self.url.split(b"?", 1)[0]
+        if path == b"/metrics" and method in (b"GET", b"HEAD"):
+            # Flush this worker's pending counts first so a scrape sees every answered request.
+            metrics = getattr(self.worker.runtime, "metrics", None)
+            if metrics is not None:
+                metrics.flush()
+            self._send(200, render_metrics(), b"text/plain; version=0.0.4; charset=utf-8")
+        elif path == b"/healthz" and method in (b"GET", b"HEAD"):
+            if self.worker.draining:
+                self._send(503, b"draining\n", b"text/plain")
+            else:
+                self._send(200, b"ok\n", b"text/plain")
+        elif path == b"/reload" and method == b"POST":
+            os.kill(self.worker.master_pid, signal.SIGHUP)
+            self._send(202, b"reload requested\n", b"text/plain")
+        else:
+            self._send(404, b"not found\n", b"text/plain")
+
+    def _send(self, status: int, body: bytes, content_type: bytes) -> None:
+        head = (
+            status_line(status)
+            + b"Content-Type: " + content_type + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        )
+        self.transport.write(head + body)
+        self.transport.close()

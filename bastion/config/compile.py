@@ -1,0 +1,169 @@
+"""Turn a validated Config into the immutable Runtime workers serve from: the router, the upstream
+groups, and each route's filter chain compiled into per-phase tuples."""
+
+from __future__ import annotations
+
+from bastion.config.loader import ConfigError, ConfigProblem, load_config
+from bastion.config.schema import Config, Route, Upstream
+from bastion.filters.answers import FixedResponse, Redirect
+from bastion.filters.backend_identity import HideBackendHeaders
+from bastion.filters.forwarding import ForwardingHeaders
+from bastion.filters.header_ops import RequestHeaders, ResponseHeaders
+from bastion.filters.rewrite import PathRewrite
+from bastion.filters.trust import TrustedProxies
+from bastion.observability.accesslog import AccessLog
+from bastion.observability.metrics import Metrics
+from bastion.proxy.filters import FilterLoadError, load_filter, phase_methods
+from bastion.proxy.runtime import CompiledRoute, Runtime
+from bastion.routing import matchers
+from bastion.routing.router import Router
+from bastion.upstream.pool import Peer, UpstreamGroup
+
+
+def _group(name: str, spec: Upstream) -> UpstreamGroup:
+    peers = []
+    for server in spec.servers:
+        host, port = server.host_port
+        peers.append(Peer(host, port, server.weight, spec.keepalive.max_idle, spec.keepalive.idle_timeout))
+    return UpstreamGroup(name, peers)
+
+
+def _user_filters(refs, where: str, source: str, problems: list) -> list:
+    out = []
+    for index, ref in enumerate(refs):
+        try:
+            out.append(load_filter(ref.use, dict(ref.with_)))
+        except FilterLoadError as exc:
+            problems.append(ConfigProblem(source, f"{where}[{index}].use", str(exc)))
+    return out
+
+
+def _conditions(route: Route) -> tuple:
+    match = route.match
+    conditions = []
+    if match.path is not None:
+        if match.path.exact is not None:
+            conditions.append(matchers.path_exact(match.path.exact))
+        elif match.path.prefix is not None:
+            if match.path.prefix != "/":
+                conditions.append(matchers.path_prefix(match.path.prefix))
+        else:
+            conditions.append(matchers.path_regex(match.path.regex))
+    if match.methods:
+        conditions.append(matchers.method_in(match.methods))
+    for name, header in match.headers.items():
+        conditions.append(matchers.header_matches(name, header.exact, header.regex, header.present))
+    return tuple(conditions)
+
+
+def _describe(route: Route) -> str:
+    match = route.match
+    parts = []
+    if match.host:
+        parts.append("host " + "|".join(match.host))
+    if match.path is not None:
+        kind = "exact" if match.path.exact is not None else "regex" if match.path.regex is not None else "prefix"
+        parts.append(f"path {kind} {match.path.exact or match.path.regex or match.path.prefix}")
+    if match.methods:
+        parts.append("methods " + ",".join(match.methods))
+    for name in match.headers:
+        parts.append(f"header {name}")
+    return " and ".join(parts) or "everything"
+
+
+def _phase_tuples(route: CompiledRoute) -> None:
+    route.on_request = phase_methods(route.filters, "request_filter")
+    route.on_upstream_request = phase_methods(route.filters, "upstream_request_filter")
+    route.on_response = phase_methods(route.filters, "response_filter")
+    route.on_log = phase_methods(route.filters, "logging")
+
+
+def compile_config(config: Config, source: str = "<config>") -> Runtime:
+    problems: list[ConfigProblem] = []
+    groups = {name: _group(name, spec) for name, spec in config.upstreams.items()}
+    proxy = config.proxy
+    trusted = TrustedProxies(list(config.trusted_proxies))
+
+    # Filters every route gets, in this order: backend identity, forwarding headers, the global user
+    # filters; then the route's own; the log phase ends with the access log and metrics.
+    hide = HideBackendHeaders(proxy.hide_headers, proxy.server_header, proxy.request_id_header)
+    forwarding = ForwardingHeaders(trusted, proxy.x_forwarded, proxy.forwarded, proxy.via,
+                                   proxy.request_id_header, proxy.preserve_host)
+    global_user = _user_filters(config.filters, "filters", source, problems)
+    metrics = Metrics()
+    tail = [metrics]
+    access_log = None
+    if config.access_log.enabled:
+        access_log = AccessLog(config.access_log.format, config.access_log.path)
+        tail.insert(0, access_log)
+    head = [hide, forwarding] + global_user
+
+    timeouts = config.timeouts
+    routes = []
+    for index, spec in enumerate(config.routes):
+        route = CompiledRoute(spec.name or f"route-{index}", index, spec.priority)
+        route.host_accepts = matchers.host_accepts(spec.match.host)
+        route.conditions = _conditions(spec)
+        route.description = _describe(spec)
+        filters = list(head)
+        if spec.rewrite is not None:
+            rw = spec.rewrite
+            filters.append(PathRewrite(rw.strip_prefix, rw.add_prefix,
+                                       rw.regex.pattern if rw.regex else None,
+                                       rw.regex.replacement if rw.regex else ""))
+        if spec.request_headers is not None:
+            filters.append(RequestHeaders(spec.request_headers))
+        if spec.response_headers is not None:
+            filters.append(ResponseHeaders(spec.response_headers))
+        filters += _user_filters(spec.filters, f"routes[{index}].filters", source, problems)
+        if spec.redirect is not None:
+            try:
+                filters.append(Redirect(spec.redirect.to, spec.redirect.status))
+            except ValueError as exc:
+                problems.append(ConfigProblem(source, f"routes[{index}].redirect.to", str(exc)))
+        elif spec.respond is not None:
+            r = spec.respond
+            filters.append(FixedResponse(r.status, r.body, r.content_type, r.headers))
+        elif isinstance(spec.upstream, str):
+            route.upstream = groups[spec.upstream]
+        else:
+            route.upstream = groups.setdefault(f"{route.name}", _group(route.name, spec.upstream))
+        route.filters = filters + tail
+        _phase_tuples(route)
+        rt = spec.timeouts
+        route.connect_timeout = rt.connect if rt.connect is not None else timeouts.connect
+        route.read_timeout = rt.upstream_read if rt.upstream_read is not None else timeouts.upstream_read
+        route.client_body_timeout = rt.client_body if rt.client_body is not None else timeouts.client_body
+        route.websocket_idle = rt.websocket_idle if rt.websocket_idle is not None else timeouts.websocket_idle
+        route.body_limit = spec.limits.body if spec.limits.body is not None else config.limits.body
+        allowed = [p.lower() for p in spec.upgrade]
+        route.upgrade_any = "*" in allowed
+        route.upgrade_allowed = frozenset(p.encode() for p in allowed if p != "*")
+        routes.append(route)
+
+    if problems:
+        raise ConfigError(problems)
+
+    fallback = CompiledRoute("", -1)
+    fallback.filters = head + tail
+    fallback.body_limit = config.limits.body
+    _phase_tuples(fallback)
+
+    runtime = Runtime(
+        config=config,
+        source=source,
+        router=Router(routes),
+        routes=routes,
+        upstream_groups=list(groups.values()),
+        fallback_route=fallback,
+    )
+    runtime.metrics = metrics
+    runtime.periodic.append(metrics.flush)
+    if access_log is not None:
+        runtime.periodic.append(access_log.flush)
+    return runtime
+
+
+def load_runtime(path: str) -> Runtime:
+    """Read, validate and compile in one step; raises ConfigError."""
+    return compile_config(load_config(path), str(path))

@@ -1,0 +1,364 @@
+"""The configuration file's shape: one pydantic model per section.
+
+Every field has the default a newcomer would want; docs/configuration.md documents each one. Models are
+strict about unknown keys so that a typo is an error with a field path, not a silently ignored option.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from bastion.config.units import Duration, Size
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def split_host_port(value: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """'127.0.0.1:8080', ':8080', '8080', '[::1]:8080' -> (host, port)."""
+    text = str(value).strip()
+    if text.isdigit():
+        host, port_text = default_host, text
+    elif text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError(f"{value!r} is not an address; use [IPv6]:port")
+        host, port_text = text[1:end], text[end + 2 :]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{value!r} is not an address; use host:port")
+        host = host or default_host
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{value!r} has no valid port (1-65535)")
+    return host, int(port_text)
+
+
+class Listener(Section):
+    address: str = Field(description="host:port to listen on")
+    name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        if isinstance(value, (str, int)):
+            return {"address": str(value)}
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return split_host_port(self.address)
+
+
+class Admin(Section):
+    address: str = "127.0.0.1:9090"
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        split_host_port(value, "127.0.0.1")
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return split_host_port(self.address, "127.0.0.1")
+
+
+class AccessLog(Section):
+    enabled: bool = True
+    format: Literal["json", "combined"] = "json"
+    path: str = "stdout"
+
+
+class Log(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    path: str = "stderr"
+
+
+class Timeouts(Section):
+    connect: Duration = 5.0
+    upstream_read: Duration = 60.0
+    client_header: Duration = 10.0
+    client_body: Duration = 60.0
+    keepalive: Duration = 75.0
+    websocket_idle: Duration = 3600.0
+    drain: Duration = 30.0
+
+
+class RouteTimeouts(Section):
+    connect: Duration | None = None
+    upstream_read: Duration | None = None
+    client_body: Duration | None = None
+    websocket_idle: Duration | None = None
+
+
+class Limits(Section):
+    request_line: Size = 8192
+    header_bytes: Size = 32768
+    header_count: int = Field(100, ge=1)
+    body: Size = 100 * 1024 * 1024
+    requests_per_connection: int = Field(1000, ge=1)
+
+
+class RouteLimits(Section):
+    body: Size | None = None
+
+
+class Server(Section):
+    address: str
+    weight: int = Field(1, ge=1, le=1000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        if isinstance(value, str):
+            return {"address": value}
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        text = value.strip()
+        if text.startswith("http://"):
+            text = text[len("http://") :].rstrip("/")
+        elif "://" in text:
+            raise ValueError(f"{value!r}: only plain http:// upstreams are supported so far")
+        split_host_port(text, "127.0.0.1")
+        return text
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return split_host_port(self.address, "127.0.0.1")
+
+
+class Keepalive(Section):
+    max_idle: int = Field(64, ge=0, description="idle connections kept per peer; 0 disables reuse")
+    idle_timeout: Duration = 60.0
+
+
+class Upstream(Section):
+    servers: list[Server] = Field(min_length=1)
+    balance: Literal["round_robin"] = "round_robin"
+    keepalive: Keepalive = Keepalive()
+
+
+class PathMatch(Section):
+    prefix: str | None = None
+    exact: str | None = None
+    regex: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        if isinstance(value, str):
+            return {"prefix": value}
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("prefix", "exact", "regex") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of prefix, exact, regex")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from None
+        elif not (self.prefix or self.exact or "").startswith("/"):
+            raise ValueError("a path starts with '/'")
+        return self
+
+
+class HeaderMatch(Section):
+    exact: str | None = None
+    regex: str | None = None
+    present: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        if isinstance(value, str):
+            return {"present": True} if value == "*" else {"exact": value}
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("exact", "regex", "present") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of exact, regex, present")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from None
+        return self
+
+
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "PURGE"}
+
+
+class Match(Section):
+    host: list[str] = []
+    path: PathMatch | None = None
+    methods: list[str] = []
+    headers: dict[str, HeaderMatch] = {}
+
+    @field_validator("host", mode="before")
+    @classmethod
+    def _host_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("host")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        out = []
+        for host in value:
+            host = host.strip().lower()
+            if not host or "/" in host or " " in host:
+                raise ValueError(f"{host!r} is not a host name")
+            if "*" in host and not (host.startswith("*.") and "*" not in host[2:]):
+                raise ValueError(f"{host!r}: a wildcard is only allowed as a leading '*.'")
+            out.append(host)
+        return out
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _method_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("methods")
+    @classmethod
+    def _check_methods(cls, value: list[str]) -> list[str]:
+        out = [m.upper() for m in value]
+        for m in out:
+            if m not in HTTP_METHODS:
+                raise ValueError(f"{m!r} is not an HTTP method Bastion routes ({', '.join(sorted(HTTP_METHODS))})")
+        return out
+
+
+class RegexRewrite(Section):
+    pattern: str
+    replacement: str
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"regex {value!r} does not compile: {exc}") from None
+        return value
+
+
+class Rewrite(Section):
+    strip_prefix: str | None = None
+    add_prefix: str | None = None
+    regex: RegexRewrite | None = None
+
+
+class HeaderOps(Section):
+    set: dict[str, str] = {}
+    add: dict[str, str] = {}
+    remove: list[str] = []
+
+
+class Redirect(Section):
+    to: str = Field(description="target URL; {scheme} {host} {path} {query} {request_uri} are replaced")
+    status: Literal[301, 302, 303, 307, 308] = 301
+
+
+class Respond(Section):
+    status: int = Field(200, ge=200, le=599)
+    body: str = ""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = {}
+
+
+class FilterRef(Section):
+    use: str = Field(description="import path of a filter class, 'package.module:ClassName'")
+    with_: dict = Field(default_factory=dict, alias="with")
+
+    @field_validator("use")
+    @classmethod
+    def _import_path(cls, value: str) -> str:
+        module, sep, name = value.partition(":")
+        if not sep or not module or not name:
+            raise ValueError(f"{value!r} is not an import path; use 'package.module:ClassName'")
+        return value
+
+
+class Route(Section):
+    name: str | None = None
+    priority: int = 0
+    match: Match = Match()
+    upstream: Union[str, Upstream, None] = None
+    redirect: Redirect | None = None
+    respond: Respond | None = None
+    rewrite: Rewrite | None = None
+    request_headers: HeaderOps | None = None
+    response_headers: HeaderOps | None = None
+    upgrade: list[str] = ["websocket"]
+    timeouts: RouteTimeouts = RouteTimeouts()
+    limits: RouteLimits = RouteLimits()
+    filters: list[FilterRef] = []
+
+    @model_validator(mode="after")
+    def _one_action(self):
+        given = [k for k in ("upstream", "redirect", "respond") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a route needs exactly one of upstream, redirect, respond")
+        return self
+
+
+class ProxySettings(Section):
+    preserve_host: bool = Field(True, description="send the client's Host to the backend")
+    x_forwarded: bool = True
+    forwarded: bool = False
+    request_id_header: str | None = "X-Request-ID"
+    via: str | None = "bastion"
+    hide_headers: list[str] = ["Server", "X-Powered-By", "X-AspNet-Version", "X-AspNetMvc-Version"]
+    server_header: str | None = None
+
+
+IPNetwork = Annotated[Union[ipaddress.IPv4Network, ipaddress.IPv6Network], Field()]
+
+
+class Config(Section):
+    workers: Union[int, Literal["auto"]] = "auto"
+    pid_file: str | None = None
+    listeners: list[Listener] = Field(min_length=1)
+    admin: Admin | None = None
+    access_log: AccessLog = AccessLog()
+    log: Log = Log()
+    trusted_proxies: list[IPNetwork] = []
+    proxy: ProxySettings = ProxySettings()
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+    upstreams: dict[str, Upstream] = {}
+    routes: list[Route] = Field(min_length=1)
+    filters: list[FilterRef] = []
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value):
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError("workers is 'auto' or a number from 1 to 256")
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value):
+        if isinstance(value, list):
+            return [ipaddress.ip_network(str(v), strict=False) if isinstance(v, str) else v for v in value]
+        return value

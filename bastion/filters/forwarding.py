@@ -1,0 +1,92 @@
+"""X-Forwarded-For/Proto/Host, RFC 7239 Forwarded, Via and the request id, and the Host sent upstream.
+
+Incoming forwarding headers are believed only when the direct peer is in `trusted_proxies`; otherwise
+they are replaced, so a client cannot forge its address towards the backend.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from bastion.filters.trust import TrustedProxies
+
+_XFF = b"x-forwarded-for"
+_XFP = b"x-forwarded-proto"
+_XFH = b"x-forwarded-host"
+_FORWARDED = b"forwarded"
+_VIA = b"via"
+_HOST = b"host"
+_MANAGED = frozenset({_XFF, _XFP, _XFH, _FORWARDED, _VIA})
+
+
+def _forwarded_node(ip: str) -> bytes:
+    if ":" in ip:
+        return b'"[%s]"' % ip.encode()
+    return ip.encode()
+
+
+class ForwardingHeaders:
+    def __init__(self, trusted: TrustedProxies, x_forwarded: bool = True, forwarded: bool = False,
+                 via: str | None = "bastion", request_id_header: str | None = "X-Request-ID",
+                 preserve_host: bool = True):
+        self.trusted = trusted
+        self.x_forwarded = x_forwarded
+        self.forwarded = forwarded
+        self.via = b"1.1 " + via.encode() if via else None
+        self.request_id_header = request_id_header.encode() if request_id_header else None
+        self.request_id_lower = self.request_id_header.lower() if self.request_id_header else None
+        self.preserve_host = preserve_host
+        managed = set()
+        if x_forwarded:
+            managed |= {_XFF, _XFP, _XFH}
+        if forwarded:
+            managed.add(_FORWARDED)
+        if self.via:
+            managed.add(_VIA)
+        if not preserve_host:
+            managed.add(_HOST)
+        self.managed = frozenset(managed)
+
+    def upstream_request_filter(self, ex) -> None:
+        trusted = self.trusted.contains(ex.client_ip)
+        managed = self.managed
+        kept = []
+        xff = xfp = xfh = fwd = via = None
+        for name, value in ex.headers:
+            lname = name.lower()
+            if lname in managed:
+                if lname == _XFF:
+                    xff = value if xff is None else xff + b", " + value
+                elif lname == _XFP:
+                    xfp = value
+                elif lname == _XFH:
+                    xfh = value
+                elif lname == _FORWARDED:
+                    fwd = value if fwd is None else fwd + b", " + value
+                elif lname == _VIA:
+                    via = value if via is None else via + b", " + value
+                continue
+            kept.append((name, value))
+        client = ex.client_ip.encode()
+        if not self.preserve_host and ex.peer is not None:
+            kept.append((b"Host", ex.peer.address_bytes))
+        if self.x_forwarded:
+            kept.append((b"X-Forwarded-For", xff + b", " + client if trusted and xff else client))
+            kept.append((b"X-Forwarded-Proto", xfp if trusted and xfp else ex.scheme.encode()))
+            host = xfh if trusted and xfh else ex.host_header
+            if host:
+                kept.append((b"X-Forwarded-Host", host))
+        if self.forwarded:
+            element = b"for=" + _forwarded_node(ex.client_ip) + b";proto=" + ex.scheme.encode()
+            if ex.host_header:
+                element += b';host="' + ex.host_header.replace(b'"', b"") + b'"'
+            kept.append((b"Forwarded", fwd + b", " + element if trusted and fwd else element))
+        if self.via:
+            kept.append((b"Via", via + b", " + self.via if via else self.via))
+        if self.request_id_header is not None and ex.incoming_request_id is None:
+            kept.append((self.request_id_header, ex.request_id_bytes))
+        ex.headers = kept
+
+    def response_filter(self, ex) -> None:
+        if self.request_id_header is not None:
+            ex.response_headers_raw.append((self.request_id_header, ex.request_id_bytes))

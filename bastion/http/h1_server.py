@@ -1,0 +1,814 @@
+"""The client side of HTTP/1.1: one asyncio.Protocol per accepted connection, parsed by httptools (llhttp
+in strict mode), with the body streamed to the backend and the response streamed back.
+
+Parsing rules beyond llhttp's own (which already rejects CL+TE, duplicate Content-Length, bad chunking,
+bare LF/CR, obs-fold, whitespace before ':', invalid names and values): HTTP/1.0 with Transfer-Encoding,
+missing or repeated Host, absolute-form targets for another host, versions other than 1.0/1.1, and the
+configured size limits. Any of these gets a 4xx, `Connection: close`, and nothing reaches a backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from bastion.http.h1_upstream import FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
+from bastion.http.headers import HOP_BY_HOP, status_line
+from bastion.proxy import engine
+from bastion.proxy.exchange import Exchange
+from bastion.http.paths import normalize_path
+
+log = logging.getLogger("bastion.http")
+
+# Why the client's socket is not being read; reading resumes when no reason is left.
+PAUSE_UPSTREAM = 1  # the backend is not taking the body as fast as the client sends it
+PAUSE_BUFFER = 2  # body bytes are waiting for a backend connection
+PAUSE_PIPELINE = 4  # a pipelined request waits for the one before it
+PAUSE_HOLD = 8  # an async filter is working on the request
+PAUSE_TUNNEL = 16  # the backend side of a tunnel is not taking bytes
+
+# What the connection's deadline means when it passes.
+DL_NONE = 0
+DL_IDLE = 1
+DL_HEADER = 2
+DL_BODY = 3
+DL_TUNNEL = 4
+DL_LINGER = 5
+
+# Bodies up to this size are read whole before the request goes to a backend, so a malformed body
+# (bad chunking) is refused before anything is forwarded; larger bodies stream after this much.
+BODY_PREFETCH = 64 * 1024
+BODY_BUFFER_PAUSE = 256 * 1024
+
+_SPECIAL = HOP_BY_HOP | {b"host", b"expect", b"content-length", b"x-request-id"}
+_NOT_PROXY_TOKENS = {b"close", b"keep-alive", b"upgrade", b""}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CHUNK_END = b"0\r\n\r\n"
+
+
+class RequestRejected(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, worker, runtime, scheme: str = "http"):
+        self.worker = worker
+        self.runtime = runtime
+        self.loop = worker.loop
+        config = runtime.config
+        self.limits = config.limits
+        self.timeouts = config.timeouts
+        self.scheme = scheme
+        self.transport = None
+        self.parser = None
+        self.client_ip = ""
+        self.parsing: Exchange | None = None
+        self.active: Exchange | None = None
+        self.queue: deque | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.upstream_ready = False
+        self.url = b""
+        self.in_head = False
+        self.head_seen = 0
+        self.header_count = 0
+        self.header_size = 0
+        self.host_count = 0
+        self.connection_tokens: bytes | None = None
+        self.paused = 0
+        self.write_paused = False
+        self.close_after = False
+        self.closed = False
+        self.resp_started = False
+        self.resp_chunked = False
+        self.requests = 0
+        self.deadline = 0.0
+        self.deadline_kind = DL_NONE
+        self.last_active = 0.0
+        self.tunnel: UpstreamConnection | None = None
+        self.tunnel_pending: list | None = None
+        self.upgrading = False
+
+    # -- connection lifecycle ---------------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        self.parser = HttpRequestParser(self)
+        now = self.loop.time()
+        self.last_active = now
+        self.deadline = now + self.timeouts.client_header
+        self.deadline_kind = DL_HEADER
+        self.worker.connection_opened(self)
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.worker.connection_closed(self)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            tunnel.abort()
+            self._finish_tunnel()
+            return
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            up.abort()
+        ex = self.active
+        if ex is not None:
+            self.active = None
+            if not ex.status:
+                ex.status = 499
+                ex.error = ex.error or "client_closed"
+            engine.finish(ex)
+
+    def eof_received(self):
+        # A client that half-closes after its request still gets the answer; nginx does the same.
+        if self.active is None and self.tunnel is None:
+            return False
+        return True
+
+    def pause_writing(self):
+        self.write_paused = True
+        up = self.tunnel or self.upstream
+        if up is not None:
+            up.pause()
+
+    def resume_writing(self):
+        self.write_paused = False
+        up = self.tunnel or self.upstream
+        if up is not None:
+            up.resume()
+
+    # -- reading control --------------------------------------------------------------------------------
+    def _pause(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.closed:
+                self.transport.resume_reading()
+
+    def hold_reading(self) -> None:
+        self._pause(PAUSE_HOLD)
+
+    def release_reading(self) -> None:
+        self._resume(PAUSE_HOLD)
+
+    def pause_reading_for_upstream(self) -> None:
+        self._pause(PAUSE_UPSTREAM if self.tunnel is None else PAUSE_TUNNEL)
+
+    def resume_reading_for_upstream(self) -> None:
+        self._resume(PAUSE_UPSTREAM | PAUSE_TUNNEL)
+
+    # -- incoming bytes ---------------------------------------------------------------------------------
+    def data_received(self, data: bytes):
+        if self.tunnel is not None:
+            self.last_active = self.loop.time()
+            self.tunnel.transport.write(data)
+            return
+        if self.deadline_kind == DL_LINGER:
+            return
+        if self.upgrading:
+            self.tunnel_pending.append(data)
+            self._pause(PAUSE_TUNNEL)
+            return
+        was_in_head = self.in_head
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as upgrade:
+            self._after_upgrade_request(data[upgrade.args[0] :])
+        except HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, RequestRejected):
+                self.reject(cause.status, cause.reason)
+            else:
+                log.error("error while parsing a request", exc_info=cause or exc)
+                self.reject(500, "internal_error")
+        except HttpParserError as exc:
+            self.reject(400, _parser_reason(exc))
+        else:
+            if self.in_head and was_in_head:
+                # llhttp keeps no limit on one header line: bound the whole head here.
+                self.head_seen += len(data)
+                if self.head_seen > self.limits.header_bytes + self.limits.request_line:
+                    self.reject(431, "header_too_large")
+
+    # -- httptools callbacks ----------------------------------------------------------------------------
+    def on_message_begin(self):
+        now = self.loop.time()
+        ex = Exchange(self, now)
+        ex.client_ip = self.client_ip
+        ex.scheme = self.scheme
+        self.parsing = ex
+        self.in_head = True
+        self.head_seen = 0
+        self.url = b""
+        self.header_count = 0
+        self.header_size = 0
+        self.host_count = 0
+        self.connection_tokens = None
+        if self.active is None:
+            self.deadline = now + self.timeouts.client_header
+            self.deadline_kind = DL_HEADER
+
+    def on_url(self, url: bytes):
+        self.url += url
+        if len(self.url) > self.limits.request_line:
+            raise RequestRejected(414, "request_line_too_long")
+
+    def on_header(self, name: bytes, value: bytes):
+        if not self.in_head:
+            return  # trailer fields are not forwarded
+        self.header_count += 1
+        self.header_size += len(name) + len(value) + 4
+        limits = self.limits
+        if self.header_count > limits.header_count:
+            raise RequestRejected(431, "too_many_headers")
+        if self.header_size > limits.header_bytes:
+            raise RequestRejected(431, "header_too_large")
+        lname = name.lower()
+        ex = self.parsing
+        if lname in _SPECIAL:
+            if lname == b"host":
+                self.host_count += 1
+                ex.host_header = value
+                ex.headers.append((name, value))
+            elif lname == b"content-length":
+                ex.content_length = int(value)
+                ex.headers.append((name, value))
+            elif lname == b"transfer-encoding":
+                ex.chunked = True  # llhttp accepts only a final "chunked"
+            elif lname == b"connection":
+                tokens = value.lower()
+                self.connection_tokens = tokens if self.connection_tokens is None else self.connection_tokens + b"," + tokens
+            elif lname == b"upgrade":
+                ex.upgrade = value.strip().lower()
+            elif lname == b"expect":
+                if value.strip().lower() != b"100-continue":
+                    raise RequestRejected(417, "bad_expect")
+                ex.expect_continue = True
+            elif lname == b"x-request-id":
+                if 0 < len(value) <= 200:
+                    ex.incoming_request_id = value
+                    ex.headers.append((name, value))
+            # the remaining hop-by-hop headers are dropped here
+            return
+        ex.headers.append((name, value))
+
+    def on_headers_complete(self):
+        self.in_head = False
+        ex = self.parsing
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1":
+            if version == "1.0":
+                if ex.chunked:
+                    raise RequestRejected(400, "transfer_encoding_in_http10")
+            elif version.startswith("0."):
+                raise RequestRejected(400, "http09")
+            else:
+                raise RequestRejected(505, "http_version")
+            ex.http_version = version
+        ex.method = parser.get_method()
+        ex.keep_alive = parser.should_keep_alive()
+        tokens = self.connection_tokens
+        if tokens is not None:
+            named = {t.strip() for t in tokens.split(b",")} - _NOT_PROXY_TOKENS
+            if named:
+                ex.headers = [(n, v) for n, v in ex.headers if n.lower() not in named]
+            if ex.upgrade is not None and b"upgrade" not in tokens:
+                ex.upgrade = None
+        elif ex.upgrade is not None:
+            ex.upgrade = None
+        if self.host_count > 1:
+            raise RequestRejected(400, "duplicate_host")
+        target = self.url
+        if target[:1] == b"/":
+            path, _, ex.query = target.partition(b"?")
+        elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+            path = self._absolute_form(ex, target)
+        elif target == b"*" and ex.method == b"OPTIONS":
+            path = b"*"
+        else:
+            raise RequestRejected(400, "bad_target")
+        if b"/." in path:
+            path = normalize_path(path)
+        ex.path = path
+        if self.host_count == 0:
+            if version == "1.1":
+                raise RequestRejected(400, "missing_host")
+        else:
+            host = ex.host_header.strip().lower()
+            if host.endswith(b"]") or b":" not in host:
+                ex.host = host
+            else:
+                ex.host = host.rpartition(b":")[0]
+        self.requests += 1
+        if self.requests >= self.limits.requests_per_connection:
+            self.close_after = True
+        if ex.content_length or ex.chunked:
+            ex.body_chunks = []
+        if self.active is None:
+            self.active = ex
+            if ex.body_chunks is not None:
+                self.deadline = self.loop.time() + self.timeouts.client_body
+                self.deadline_kind = DL_BODY
+            else:
+                self.deadline = 0.0
+                self.deadline_kind = DL_NONE
+            engine.start(self, ex, self.runtime)
+        else:
+            if self.queue is None:
+                self.queue = deque()
+            self.queue.append(ex)
+
+    def _absolute_form(self, ex, target: bytes) -> bytes:
+        rest = target.split(b"://", 1)[1]
+        authority, slash, remainder = rest.partition(b"/")
+        if not authority or (ex.host_header and authority.lower() != ex.host_header.strip().lower()):
+            raise RequestRejected(400, "absolute_form_other_host")
+        if not ex.host_header:
+            ex.host_header = authority
+            ex.headers.append((b"Host", authority))
+            self.host_count = 1
+        path, _, ex.query = (b"/" + remainder).partition(b"?")
+        return path
+
+    def on_body(self, body: bytes):
+        ex = self.parsing
+        if ex is None or ex.discard_body:
+            return
+        ex.bytes_in += len(body)
+        if ex.route is not None and ex.bytes_in > ex.route.body_limit:
+            raise RequestRejected(413, "body_too_large")
+        if ex is self.active:
+            self.deadline = self.loop.time() + self.timeouts.client_body
+            if self.upstream_ready:
+                up = self.upstream
+                if ex.chunked:
+                    up.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+                else:
+                    up.transport.write(body)
+                ex.body_sent = True
+                return
+        ex.body_chunks.append(body)
+        ex.body_buffered += len(body)
+        if ex is self.active and ex.waiting_body and ex.body_buffered >= BODY_PREFETCH:
+            ex.waiting_body = False
+            self._connect_or_attach(ex, ex.peer)
+        elif ex.body_buffered >= BODY_BUFFER_PAUSE:
+            self._pause(PAUSE_BUFFER)
+
+    def on_message_complete(self):
+        ex = self.parsing
+        if ex is None:
+            return
+        self.parsing = None
+        ex.request_complete = True
+        if ex is self.active:
+            if self.deadline_kind == DL_BODY:
+                self.deadline = 0.0
+                self.deadline_kind = DL_NONE
+            if self.upstream_ready:
+                if ex.chunked:
+                    self.upstream.transport.write(_CHUNK_END)
+            elif ex.waiting_body:
+                ex.waiting_body = False
+                self._connect_or_attach(ex, ex.peer)
+        else:
+            # A pipelined request waits its turn; read no further until it has one.
+            self._pause(PAUSE_PIPELINE)
+
+    def _after_upgrade_request(self, rest: bytes) -> None:
+        ex = self.active
+        if ex is not None and ex.upgrade is not None and ex.route is not None and ex.route.allows_upgrade(ex.upgrade):
+            self.upgrading = True
+            self.tunnel_pending = [rest] if rest else []
+            self._pause(PAUSE_TUNNEL)
+        elif rest:
+            self.data_received(rest)
+
+    # -- forwarding -------------------------------------------------------------------------------------
+    def send_continue(self) -> None:
+        self.transport.write(_CONTINUE)
+
+    def forward(self, ex, peer) -> None:
+        """Called by the engine once filters ran and a peer is chosen."""
+        route = ex.route
+        if ex.expect_continue and not ex.request_complete:
+            self.send_continue()
+        if not ex.request_complete and ex.body_chunks is not None and ex.body_buffered < BODY_PREFETCH:
+            ex.waiting_body = True
+            return
+        self._connect_or_attach(ex, peer)
+
+    def _connect_or_attach(self, ex, peer, fresh: bool = False) -> None:
+        up = None if fresh else peer.acquire(self.loop.time())
+        if up is not None:
+            self._attach(ex, up, True)
+        else:
+            self.loop.create_task(self._connect(ex, peer))
+
+    async def _connect(self, ex, peer) -> None:
+        route = ex.route
+        try:
+            _, up = await asyncio.wait_for(
+                self.loop.create_connection(lambda: UpstreamConnection(peer), peer.host, peer.port),
+                route.connect_timeout,
+            )
+        except asyncio.TimeoutError:
+            self._upstream_error(ex, 504, "connect_timeout")
+            return
+        except ConnectionRefusedError:
+            self._upstream_error(ex, 502, "connect_refused")
+            return
+        except OSError as exc:
+            log.info("connecting to %s failed: %s", peer.address, exc)
+            self._upstream_error(ex, 502, "connect_error")
+            return
+        if self.closed or self.active is not ex:
+            up.close()
+            return
+        self._attach(ex, up, False)
+
+    def _attach(self, ex, up: UpstreamConnection, reused: bool) -> None:
+        self.upstream = up
+        up.reused = reused
+        up.begin(self, ex.method == b"HEAD")
+        now = self.loop.time()
+        ex.upstream_start = now
+        up.deadline = now + ex.route.read_timeout
+        head = ex.upstream_head
+        if head is None:
+            head = ex.upstream_head = self._build_upstream_head(ex)
+        chunks = ex.body_chunks
+        if chunks:
+            if ex.chunked:
+                parts = [head]
+                for c in chunks:
+                    parts.append(b"%x\r\n" % len(c))
+                    parts.append(c)
+                    parts.append(b"\r\n")
+                if ex.request_complete:
+                    parts.append(_CHUNK_END)
+                up.transport.write(b"".join(parts))
+            else:
+                up.transport.write(head + b"".join(chunks))
+            ex.body_sent = True
+            if not ex.request_complete:
+                ex.body_chunks = []
+                ex.body_buffered = 0
+            # complete bodies stay buffered (they are small) so a stale pooled connection can be retried
+        elif ex.chunked and ex.request_complete:
+            up.transport.write(head + _CHUNK_END)
+        else:
+            up.transport.write(head)
+        self.upstream_ready = True
+        self._resume(PAUSE_BUFFER)
+        if self.write_paused:
+            up.pause()
+
+    def _build_upstream_head(self, ex) -> bytes:
+        parts = [ex.method, b" ", ex.upstream_target(), b" HTTP/1.1\r\n"]
+        for name, value in ex.headers:
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
+        if ex.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if ex.upgrade is not None and ex.route.allows_upgrade(ex.upgrade):
+            parts.append(b"Connection: upgrade\r\nUpgrade: ")
+            parts.append(ex.upgrade)
+            parts.append(b"\r\n")
+        elif ex.peer.max_idle == 0:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    # -- events from the backend connection ---------------------------------------------------------------
+    def upstream_interim(self, up, status: int, headers) -> None:
+        ex = self.active
+        if ex is None or ex.http_version != "1.1" or status == 100:
+            return  # Bastion answers Expect itself; other 1xx go to HTTP/1.1 clients only
+        parts = [status_line(status)]
+        for n, v in headers:
+            parts += (n, b": ", v, b"\r\n")
+        parts.append(b"\r\n")
+        self.transport.write(b"".join(parts))
+
+    def upstream_head(self, up, status: int, headers, framing: int) -> None:
+        ex = self.active
+        now = self.loop.time()
+        up.deadline = now + ex.route.read_timeout
+        ex.status = status
+        ex.response_headers_raw = headers
+        engine.run_response_filters(ex)
+        if framing == FRAMING_NONE or ex.method == b"HEAD":
+            chunked = False
+        elif framing == FRAMING_CHUNKED or framing == FRAMING_CLOSE:
+            chunked = ex.http_version == "1.1"
+            if not chunked:
+                self.close_after = True
+        else:
+            chunked = False
+        if ex.upgrade is not None and status != 101:
+            self.close_after = True
+        self.resp_chunked = chunked
+        self.resp_started = True
+        self._write_head(ex, ex.response_headers_raw, chunked, status == 101)
+
+    def _write_head(self, ex, headers, chunked: bool, upgrade: bool = False) -> None:
+        parts = [status_line(ex.status)]
+        for name, value in headers:
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
+        if chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if upgrade:
+            parts.append(b"Connection: upgrade\r\n")
+        elif self.close_after or not ex.keep_alive or self.worker.draining:
+            self.close_after = True
+            parts.append(b"Connection: close\r\n")
+        elif ex.http_version == "1.0":
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.transport.write(b"".join(parts))
+
+    def upstream_body(self, body: bytes) -> None:
+        ex = self.active
+        ex.bytes_out += len(body)
+        if self.resp_chunked:
+            self.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+        else:
+            self.transport.write(body)
+        up = self.upstream
+        if up is not None and len(body) > 4096:
+            up.deadline = self.loop.time() + ex.route.read_timeout
+
+    def upstream_complete(self, up, reusable: bool) -> None:
+        ex = self.active
+        if ex is None or up is not self.upstream:
+            return
+        if self.resp_chunked:
+            self.transport.write(_CHUNK_END)
+        self.upstream = None
+        self.upstream_ready = False
+        ex.upstream_time = self.loop.time() - ex.upstream_start
+        up.detach()
+        if reusable and ex.request_complete and up.alive:
+            ex.peer.release(up, self.loop.time())
+        else:
+            up.close()
+        if not ex.request_complete:
+            # The backend answered before the body was in; the rest of it is not worth reading.
+            self.close_after = True
+            ex.discard_body = True
+        self._end_exchange(ex)
+
+    def upstream_failed(self, up, reason: str) -> None:
+        ex = self.active
+        if ex is None or up is not self.upstream:
+            return
+        self.upstream = None
+        self.upstream_ready = False
+        up.detach()
+        if (
+            not up.got_bytes
+            and up.reused
+            and reason == "upstream_reset"
+            and engine.retryable(ex)
+            and (ex.request_complete and (not ex.body_sent or ex.body_chunks))
+        ):
+            # The backend closed a pooled connection just as we reused it: try once on a new one.
+            self._connect_or_attach(ex, ex.peer, fresh=True)
+            return
+        if reason == "upstream_timeout":
+            status = 504
+        else:
+            status = 502
+        self._upstream_error(ex, status, reason)
+
+    def _upstream_error(self, ex, status: int, reason: str) -> None:
+        if self.active is not ex or self.closed:
+            return
+        ex.error = reason
+        ex.upstream_time = self.loop.time() - ex.upstream_start if ex.upstream_start else None
+        self.worker.count_upstream_error(ex, reason)
+        if self.resp_started:
+            # Part of the response is out: the only honest signal left is to cut the connection.
+            self.transport.abort()
+            return
+        if not ex.request_complete:
+            self.close_after = True
+            ex.discard_body = True
+        engine.respond_error(self, ex, status)
+
+    def upstream_switched(self, up, rest: bytes) -> None:
+        """The backend agreed to an Upgrade: from now on bytes flow both ways untouched."""
+        ex = self.active
+        self.tunnel = up
+        self.upstream = None
+        self.upgrading = False
+        self.deadline = 0.0
+        self.deadline_kind = DL_TUNNEL
+        self.last_active = self.loop.time()
+        if rest:
+            self.transport.write(rest)
+        pending = self.tunnel_pending or []
+        self.tunnel_pending = None
+        for data in pending:
+            up.transport.write(data)
+        self._resume(PAUSE_TUNNEL | PAUSE_PIPELINE | PAUSE_BUFFER)
+        self.worker.tunnel_opened(self)
+
+    def tunnel_from_upstream(self, data: bytes) -> None:
+        self.last_active = self.loop.time()
+        self.active.bytes_out += len(data)
+        self.transport.write(data)
+
+    def tunnel_closed_by_upstream(self) -> None:
+        self.tunnel = None
+        self._finish_tunnel()
+        self.transport.close()
+
+    def _finish_tunnel(self) -> None:
+        ex = self.active
+        self.worker.tunnel_closed(self)
+        if ex is not None:
+            self.active = None
+            engine.finish(ex)
+
+    # -- local answers and the end of an exchange ----------------------------------------------------------
+    def write_local_response(self, ex, body: bytes) -> None:
+        status = ex.status
+        headers = ex.response_headers_raw
+        if status >= 200 and status not in (204, 304):
+            headers.append((b"Content-Length", b"%d" % len(body)))
+        if not ex.request_complete:
+            ex.discard_body = True
+            self.close_after = True
+        self.resp_started = True
+        self._write_head(ex, headers, False)
+        if body and ex.method != b"HEAD":
+            self.transport.write(body)
+            ex.bytes_out += len(body)
+        if self.upgrading:
+            self.upgrading = False
+            self.close_after = True
+        self._end_exchange(ex)
+
+    def _end_exchange(self, ex) -> None:
+        self.active = None
+        self.resp_started = False
+        self.resp_chunked = False
+        engine.finish(ex)
+        if self.closed:
+            return
+        if self.close_after:
+            self.lingering_close()
+            return
+        queue = self.queue
+        if queue:
+            nxt = queue.popleft()
+            self.active = nxt
+            self.deadline = 0.0
+            self.deadline_kind = DL_NONE
+            if nxt.request_complete or nxt is not self.parsing:
+                self._resume(PAUSE_PIPELINE)
+            engine.start(self, nxt, self.runtime)
+            return
+        self._resume(PAUSE_PIPELINE)
+        if self.worker.draining and self.parsing is None:
+            self.lingering_close()
+            return
+        now = self.loop.time()
+        self.last_active = now
+        if self.parsing is None:
+            self.deadline = now + self.timeouts.keepalive
+            self.deadline_kind = DL_IDLE
+
+    def reject(self, status: int, reason: str) -> None:
+        """A request Bastion will not process: answer, close, forward nothing."""
+        if self.closed or self.deadline_kind == DL_LINGER:
+            return
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            self.upstream_ready = False
+            up.abort()
+        self.queue = None
+        ex = self.parsing or self.active
+        if ex is None:
+            ex = Exchange(self, self.loop.time())
+            ex.client_ip = self.client_ip
+        if self.active is not None and self.active is not ex:
+            self.active.error = "connection_rejected"
+            engine.finish(self.active)
+        self.active = ex
+        self.parsing = None
+        if ex.route is None:
+            ex.route = self.runtime.fallback_route
+        if not ex.method:
+            ex.method = b"-"
+            ex.target = self.url
+        ex.error = reason
+        ex.keep_alive = False
+        self.close_after = True
+        if self.resp_started:
+            self.transport.abort()
+            return
+        engine.respond_error(self, ex, status)
+
+    def lingering_close(self) -> None:
+        """Close without losing what was written: stop sending, read and drop what the client still
+        sends for a moment, then close. Closing with unread input would send a reset."""
+        if self.closed or self.deadline_kind == DL_LINGER:
+            return
+        self.deadline_kind = DL_LINGER
+        self.deadline = self.loop.time() + 2.0
+        self.paused = 0
+        try:
+            self.transport.resume_reading()
+        except Exception:  # noqa: BLE001 - a closing transport cannot be resumed; nothing to do
+            pass
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+
+    # -- timers (called by the worker's sweep) --------------------------------------------------------------
+    def check_deadline(self, now: float) -> None:
+        kind = self.deadline_kind
+        if kind == DL_TUNNEL:
+            ex = self.active
+            idle = ex.route.websocket_idle if ex is not None and ex.route is not None else self.timeouts.websocket_idle
+            if now - self.last_active >= idle:
+                tunnel = self.tunnel
+                self.tunnel = None
+                if tunnel is not None:
+                    tunnel.owner = None
+                    tunnel.close()
+                self._finish_tunnel()
+                self.transport.close()
+            return
+        if self.deadline and now >= self.deadline:
+            if kind == DL_IDLE:
+                self.lingering_close()
+            elif kind == DL_LINGER:
+                self.transport.close()
+            elif kind == DL_HEADER:
+                if self.parsing is not None:
+                    self.reject(408, "client_header_timeout")
+                else:
+                    self.transport.close()
+            elif kind == DL_BODY:
+                self.reject(408, "client_body_timeout")
+            return
+        up = self.upstream
+        if up is not None and up.deadline and now >= up.deadline:
+            self.upstream = None
+            self.upstream_ready = False
+            up.abort()
+            ex = self.active
+            if ex is not None:
+                self._upstream_error(ex, 504, "upstream_timeout")
+
+    def drain(self, now: float) -> None:
+        """Stop keeping this connection alive: idle ones close now, busy ones after their response."""
+        self.close_after = True
+        if self.active is None and self.parsing is None and self.tunnel is None:
+            if now - self.last_active > 0.2:
+                self.lingering_close()
+            else:
+                # A request may be in flight towards us: give it a moment before closing.
+                self.deadline = min(self.deadline or now + 1.0, now + 1.0)
+                self.deadline_kind = DL_IDLE
+
+
+def _parser_reason(exc: Exception) -> str:
+    text = str(exc).lower()
+    if "content-length" in text:
+        return "bad_content_length"
+    if "transfer-encoding" in text:
+        return "bad_transfer_encoding"
+    if "chunk" in text:
+        return "bad_chunk"
+    if "header" in text:
+        return "bad_header"
+    if "method" in text:
+        return "bad_method"
+    if "url" in text:
+        return "bad_target"
+    return "bad_request"

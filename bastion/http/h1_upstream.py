@@ -1,0 +1,239 @@
+"""The backend side of HTTP/1.1: one asyncio.Protocol per upstream TCP connection, parsed by httptools.
+
+It knows nothing about routes or filters: it reports the response head, body chunks, completion and
+failure to the client connection that currently owns it (`owner`), which decides what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from bastion.http.headers import HOP_BY_HOP
+
+# Response framing as the client side needs to know it.
+FRAMING_LENGTH = 0  # Content-Length given
+FRAMING_CHUNKED = 1  # chunked from the backend
+FRAMING_CLOSE = 2  # body ends when the backend closes
+FRAMING_NONE = 3  # no body (HEAD, 1xx, 204, 304)
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "peer",
+        "transport",
+        "parser",
+        "owner",
+        "alive",
+        "idle_since",
+        "reused",
+        "got_bytes",
+        "headers",
+        "connection_tokens",
+        "chunked",
+        "content_length",
+        "keep_alive",
+        "status",
+        "head_done",
+        "head_request",
+        "deadline",
+        "tunnel",
+        "paused",
+    )
+
+    def __init__(self, peer):
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpResponseParser(self)
+        self.owner = None
+        self.alive = True
+        self.idle_since = 0.0
+        self.reused = False
+        self.got_bytes = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.connection_tokens: bytes | None = None
+        self.chunked = False
+        self.content_length = -1
+        self.keep_alive = True
+        self.status = 0
+        self.head_done = False
+        self.head_request = False
+        self.deadline = 0.0
+        self.tunnel = False
+        self.paused = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        self.peer.connections += 1
+
+    def connection_lost(self, exc):
+        if self.alive:
+            self.alive = False
+            self.peer.connections -= 1
+        owner = self.owner
+        if owner is None:
+            self.peer.forget(self)
+            return
+        self.owner = None
+        if self.tunnel:
+            owner.tunnel_closed_by_upstream()
+        elif self.head_done and not self.chunked and self.content_length < 0 and not self.head_request:
+            # A body delimited by the connection's end is complete now.
+            owner.upstream_complete(self, reusable=False)
+        else:
+            owner.upstream_failed(self, "upstream_reset" if not self.got_bytes else "upstream_reset_midway")
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self):
+        owner = self.owner
+        if owner is not None:
+            owner.pause_reading_for_upstream()
+
+    def resume_writing(self):
+        owner = self.owner
+        if owner is not None:
+            owner.resume_reading_for_upstream()
+
+    def data_received(self, data):
+        owner = self.owner
+        if owner is None:
+            # Bytes from an idle backend connection cannot belong to any request.
+            self.close()
+            return
+        self.got_bytes = True
+        if self.tunnel:
+            owner.tunnel_from_upstream(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as upgrade:
+            rest = data[upgrade.args[0] :]
+            if self.status == 101 and self.owner is not None:
+                self.tunnel = True
+                self.owner.upstream_switched(self, rest)
+            else:
+                self.fail("invalid_response")
+        except HttpParserError:
+            self.fail("invalid_response")
+
+    # -- httptools callbacks ---------------------------------------------------------------------------
+    def on_message_begin(self):
+        self.headers = []
+        self.connection_tokens = None
+        self.chunked = False
+        self.content_length = -1
+        self.head_done = False
+
+    def on_header(self, name: bytes, value: bytes):
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"transfer-encoding":
+                self.chunked = value.lower().rstrip().endswith(b"chunked")
+            elif lname == b"connection":
+                self.connection_tokens = value.lower() if self.connection_tokens is None else self.connection_tokens + b"," + value.lower()
+            elif lname == b"upgrade":
+                self.headers.append((name, value))
+            return
+        if lname == b"content-length":
+            self.content_length = int(value)
+        self.headers.append((name, value))
+
+    def on_headers_complete(self):
+        parser = self.parser
+        self.status = status = parser.get_status_code()
+        self.keep_alive = parser.should_keep_alive()
+        tokens = self.connection_tokens
+        headers = self.headers
+        if tokens is not None:
+            named = {t.strip() for t in tokens.split(b",")}
+            named.discard(b"close")
+            named.discard(b"keep-alive")
+            named.discard(b"upgrade")
+            if named:
+                headers = self.headers = [(n, v) for n, v in headers if n.lower() not in named]
+        if status != 101:
+            self.headers = headers = [(n, v) for n, v in headers if n.lower() != b"upgrade"] if tokens is not None and b"upgrade" in tokens else headers
+        owner = self.owner
+        if owner is None:
+            return
+        if 100 <= status < 200 and status != 101:
+            owner.upstream_interim(self, status, headers)
+            return
+        self.head_done = True
+        if self.head_request or status == 204 or status == 304 or status == 101:
+            framing = FRAMING_NONE
+        elif self.chunked:
+            framing = FRAMING_CHUNKED
+        elif self.content_length >= 0:
+            framing = FRAMING_LENGTH if self.content_length else FRAMING_NONE
+        else:
+            framing = FRAMING_CLOSE
+        owner.upstream_head(self, status, headers, framing)
+        if self.head_request and self.owner is not None:
+            # httptools cannot be told a response has no body; a HEAD reply ends at its head, and the
+            # connection is not reused because the parser would wait for Content-Length bytes.
+            self.keep_alive = False
+            self.owner.upstream_complete(self, reusable=False)
+
+    def on_body(self, body: bytes):
+        owner = self.owner
+        if owner is not None:
+            owner.upstream_body(body)
+
+    def on_message_complete(self):
+        owner = self.owner
+        if owner is None or not self.head_done or self.status == 101 or self.head_request:
+            return
+        owner.upstream_complete(self, reusable=self.keep_alive)
+
+    # -- used by the client side ------------------------------------------------------------------------
+    def begin(self, owner, head_request: bool) -> None:
+        self.owner = owner
+        self.got_bytes = False
+        self.head_done = False
+        self.head_request = head_request
+        self.status = 0
+
+    def detach(self) -> None:
+        self.owner = None
+        self.deadline = 0.0
+        if self.paused:
+            self.paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    def fail(self, reason: str) -> None:
+        owner = self.owner
+        self.owner = None
+        self.close()
+        if owner is not None:
+            owner.upstream_failed(self, reason)
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.alive:
+            self.alive = False
+            self.peer.connections -= 1
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.owner = None
+        if self.alive:
+            self.alive = False
+            self.peer.connections -= 1
+        if self.transport is not None:
+            self.transport.abort()

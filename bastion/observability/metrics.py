@@ -1,0 +1,86 @@
+"""Prometheus metrics, summed across workers with prometheus_client's multiprocess mode.
+
+Per request a worker only bumps plain Python counters; once per tick it adds the totals to the shared
+prometheus_client values (memory-mapped files, one set per worker process), which the admin endpoint
+of any worker reads and sums. That keeps the per-request cost to a few dictionary operations.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+UPSTREAM_ERRORS = frozenset(
+    {"connect_refused", "connect_error", "connect_timeout", "upstream_reset", "upstream_reset_midway",
+     "upstream_timeout", "invalid_response", "no_server"}
+)
+_STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+class _Prom:
+    """The prometheus_client objects, made lazily in the worker (after fork) so each process writes
+    its own files."""
+
+    def __init__(self):
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.requests = Counter("bastion_requests", "Requests answered, by route and status class",
+                                ["route", "status_class"])
+        self.duration = Histogram("bastion_request_duration_seconds", "Time from request start to the end of the response",
+                                  ["route"], buckets=BUCKETS)
+        self.upstream_errors = Counter("bastion_upstream_errors", "Failed upstream exchanges by kind",
+                                       ["route", "kind"])
+        self.open_connections = Gauge("bastion_open_connections", "Open client connections",
+                                      multiprocess_mode="livesum")
+        self.open_tunnels = Gauge("bastion_open_tunnels", "Open upgraded (WebSocket) tunnels",
+                                  multiprocess_mode="livesum")
+
+
+class Metrics:
+    def __init__(self):
+        self.counts: dict[tuple[str, str], int] = {}
+        self.errors: dict[tuple[str, str], int] = {}
+        self.histograms: dict[str, list] = {}
+        self.gauges: dict[str, object] = {}
+        self._prom: _Prom | None = None
+
+    def logging(self, ex) -> None:
+        route = ex.route.name if ex.route is not None else ""
+        key = (route, _STATUS_CLASS.get(ex.status // 100, "other"))
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        duration = ex.conn.loop.time() - ex.start
+        hist = self.histograms.get(route)
+        if hist is None:
+            hist = self.histograms[route] = [[0] * (len(BUCKETS) + 1), 0.0]
+        hist[0][bisect_left(BUCKETS, duration)] += 1
+        hist[1] += duration
+        error = ex.error
+        if error is not None and error in UPSTREAM_ERRORS:
+            ekey = (route, error)
+            self.errors[ekey] = self.errors.get(ekey, 0) + 1
+
+    def set_gauge(self, name: str, source) -> None:
+        """`source` is a callable read at every flush (e.g. the worker's open connection count)."""
+        self.gauges[name] = source
+
+    def flush(self) -> None:
+        prom = self._prom
+        if prom is None:
+            prom = self._prom = _Prom()
+        counts, self.counts = self.counts, {}
+        for (route, status_class), n in counts.items():
+            prom.requests.labels(route, status_class).inc(n)
+        errors, self.errors = self.errors, {}
+        for (route, kind), n in errors.items():
+            prom.upstream_errors.labels(route, kind).inc(n)
+        histograms, self.histograms = self.histograms, {}
+        for route, (buckets, total) in histograms.items():
+            child = prom.duration.labels(route)
+            # prometheus_client has no "observe many"; its per-bucket values take increments directly.
+            for index, n in enumerate(buckets):
+                if n:
+                    child._buckets[index].inc(n)
+            child._sum.inc(total)
+        for name, source in self.gauges.items():
+            getattr(prom, name).set(source())

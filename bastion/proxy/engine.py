@@ -1,0 +1,156 @@
+"""The phase engine: request -> route -> request filters -> upstream select -> upstream request filters,
+then (driven by the backend's answer) response filters -> log.
+
+It owns no sockets. The protocol layer (bastion.http) calls `start` when a request head is complete and
+`finish` when the exchange is over; the engine calls back into the connection for I/O. The common case
+(all filters synchronous, a pooled backend connection available) runs without creating a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from inspect import isawaitable
+
+from bastion.proxy.errors import error_response
+from bastion.proxy.exchange import Response
+
+log = logging.getLogger("bastion.proxy")
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+def start(conn, ex, runtime) -> None:
+    route = runtime.router.match(ex)
+    if route is None:
+        ex.route = runtime.fallback_route
+        ex.error = "no_route"
+        respond_error(conn, ex, 404)
+        return
+    ex.route = route
+    if ex.content_length is not None and ex.content_length > route.body_limit:
+        ex.error = "body_too_large"
+        conn.close_after = True
+        respond_error(conn, ex, 413)
+        return
+    run_request_filters(conn, ex, route, 0)
+
+
+def run_request_filters(conn, ex, route, index: int) -> None:
+    filters = route.on_request
+    count = len(filters)
+    while index < count:
+        try:
+            result = filters[index](ex)
+        except Exception:
+            log.exception("request_filter %r failed", filters[index])
+            ex.error = "filter_error"
+            respond_error(conn, ex, 500)
+            return
+        index += 1
+        if result is None:
+            continue
+        if isinstance(result, Response):
+            respond(conn, ex, result)
+            return
+        if isawaitable(result):
+            conn.hold_reading()
+            conn.loop.create_task(_await_request_filter(conn, ex, route, result, index))
+            return
+        log.error("request_filter %r returned %r; expected None or a Response", filters[index - 1], result)
+        ex.error = "filter_error"
+        respond_error(conn, ex, 500)
+        return
+    proceed_to_upstream(conn, ex, route)
+
+
+async def _await_request_filter(conn, ex, route, awaitable, index: int) -> None:
+    try:
+        result = await awaitable
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("request_filter failed")
+        result = None
+        ex.error = "filter_error"
+    if conn.active is not ex or conn.closed:
+        return
+    conn.release_reading()
+    if ex.error == "filter_error":
+        respond_error(conn, ex, 500)
+    elif isinstance(result, Response):
+        respond(conn, ex, result)
+    elif result is not None:
+        log.error("request_filter returned %r; expected None or a Response", result)
+        ex.error = "filter_error"
+        respond_error(conn, ex, 500)
+    else:
+        run_request_filters(conn, ex, route, index)
+
+
+def proceed_to_upstream(conn, ex, route) -> None:
+    group = route.upstream
+    if group is None:
+        # A route whose terminal filter did not answer (cannot happen with a valid config).
+        ex.error = "no_action"
+        respond_error(conn, ex, 500)
+        return
+    peer = group.select(ex)
+    if peer is None:
+        ex.error = "no_server"
+        respond_error(conn, ex, 503)
+        return
+    ex.peer = peer
+    for f in route.on_upstream_request:
+        try:
+            f(ex)
+        except Exception:
+            log.exception("upstream_request_filter %r failed", f)
+            ex.error = "filter_error"
+            respond_error(conn, ex, 500)
+            return
+    conn.forward(ex, peer)
+
+
+def respond(conn, ex, response: Response) -> None:
+    """Answer with a response Bastion made (a filter's, a redirect, an error page)."""
+    ex.status = response.status
+    ex.response_headers_raw = list(response.headers.raw)
+    run_response_filters(ex)
+    conn.write_local_response(ex, response.body)
+
+
+def respond_error(conn, ex, status: int) -> None:
+    accept = None
+    for name, value in ex.headers:
+        if len(name) == 6 and name.lower() == b"accept":
+            accept = value
+            break
+    respond(conn, ex, error_response(status, ex.request_id, accept))
+
+
+def run_response_filters(ex) -> None:
+    route = ex.route
+    if route is None:
+        return
+    for f in route.on_response:
+        try:
+            f(ex)
+        except Exception:
+            log.exception("response_filter %r failed", f)
+
+
+def finish(ex) -> None:
+    """The log phase: runs once per exchange, whatever happened."""
+    route = ex.route
+    if route is None:
+        return
+    for f in route.on_log:
+        try:
+            f(ex)
+        except Exception:
+            log.exception("logging filter %r failed", f)
+
+
+def retryable(ex) -> bool:
+    return ex.method in IDEMPOTENT

@@ -1,0 +1,192 @@
+"""The per-request object every phase and filter sees, and the Response a filter may answer with."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Mapping
+
+from bastion.http.headers import Headers
+
+if TYPE_CHECKING:
+    from bastion.proxy.runtime import CompiledRoute
+    from bastion.upstream.pool import Peer
+
+
+_ID_PREFIX = [os.urandom(6).hex().encode()]
+_id_counter = [0]
+
+
+def reseed_request_ids() -> None:
+    """Called in each worker after fork so that workers never hand out the same id."""
+    _ID_PREFIX[0] = os.urandom(6).hex().encode()
+    _id_counter[0] = 0
+
+
+def new_request_id() -> bytes:
+    _id_counter[0] += 1
+    return b"%s%08x" % (_ID_PREFIX[0], _id_counter[0])
+
+
+class Response:
+    """An answer produced by Bastion itself (a filter's early answer, a redirect, an error page)."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(
+        self,
+        status: int = 200,
+        body: bytes | str = b"",
+        headers: Mapping[str, str] | list[tuple[bytes, bytes]] | None = None,
+        content_type: str | None = None,
+    ):
+        self.status = status
+        self.body = body.encode() if isinstance(body, str) else body
+        items: list[tuple[bytes, bytes]] = []
+        if isinstance(headers, list):
+            items = list(headers)
+        elif headers:
+            items = [(k.encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()]
+        if content_type is not None:
+            items.append((b"Content-Type", content_type.encode("latin-1")))
+        self.headers = Headers(items)
+
+
+class Exchange:
+    """One request through every phase: the request as received, the route, the peer, the response,
+    timings and per-filter state. Hot fields are bytes; the str properties are for filter authors."""
+
+    __slots__ = (
+        "conn",
+        "method",
+        "target",
+        "path",
+        "query",
+        "http_version",
+        "headers",
+        "host",
+        "host_header",
+        "client_ip",
+        "scheme",
+        "keep_alive",
+        "upgrade",
+        "expect_continue",
+        "content_length",
+        "chunked",
+        "_request_id",
+        "route",
+        "peer",
+        "upstream_path",
+        "start",
+        "status",
+        "response_headers_raw",
+        "bytes_in",
+        "bytes_out",
+        "upstream_start",
+        "upstream_time",
+        "error",
+        "_state",
+        "incoming_xff",
+        "incoming_request_id",
+        "incoming_via",
+        "body_chunks",
+        "body_buffered",
+        "body_sent",
+        "request_complete",
+        "discard_body",
+        "waiting_body",
+        "upstream_head",
+    )
+
+    def __init__(self, conn, start: float):
+        self.conn = conn
+        self.start = start
+        self.method = b""
+        self.target = b""
+        self.path = b""
+        self.query = b""
+        self.http_version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host = b""
+        self.host_header = b""
+        self.client_ip = ""
+        self.scheme = "http"
+        self.keep_alive = True
+        self.upgrade: bytes | None = None
+        self.expect_continue = False
+        self.content_length: int | None = None
+        self.chunked = False
+        self._request_id: bytes | None = None
+        self.route: CompiledRoute | None = None
+        self.peer: Peer | None = None
+        self.upstream_path: bytes | None = None
+        self.status = 0
+        self.response_headers_raw: list[tuple[bytes, bytes]] = []
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.upstream_start = 0.0
+        self.upstream_time: float | None = None
+        self.error: str | None = None
+        self._state: dict | None = None
+        self.incoming_xff: bytes | None = None
+        self.incoming_request_id: bytes | None = None
+        self.incoming_via: bytes | None = None
+        self.body_chunks: list[bytes] | None = None
+        self.body_buffered = 0
+        self.body_sent = False
+        self.request_complete = False
+        self.discard_body = False
+        self.waiting_body = False
+        self.upstream_head: bytes | None = None
+
+    # -- identity -------------------------------------------------------------------------------------
+    @property
+    def request_id_bytes(self) -> bytes:
+        rid = self._request_id
+        if rid is None:
+            rid = self._request_id = self.incoming_request_id or new_request_id()
+        return rid
+
+    @property
+    def request_id(self) -> str:
+        return self.request_id_bytes.decode("latin-1")
+
+    # -- for filter authors -----------------------------------------------------------------------------
+    @property
+    def state(self) -> dict[str, Any]:
+        """Free-form per-request storage shared by the filters of this request."""
+        if self._state is None:
+            self._state = {}
+        return self._state
+
+    @property
+    def request_headers(self) -> Headers:
+        return Headers(self.headers)
+
+    @property
+    def response_headers(self) -> Headers:
+        return Headers(self.response_headers_raw)
+
+    @property
+    def method_str(self) -> str:
+        return self.method.decode("latin-1")
+
+    @property
+    def path_str(self) -> str:
+        return self.path.decode("latin-1")
+
+    @property
+    def query_str(self) -> str:
+        return self.query.decode("latin-1")
+
+    @property
+    def host_str(self) -> str:
+        return self.host.decode("latin-1")
+
+    def set_upstream_path(self, path: str | bytes) -> None:
+        """Change the path (and query, if it contains '?') sent to the backend."""
+        self.upstream_path = path.encode("latin-1") if isinstance(path, str) else path
+
+    def upstream_target(self) -> bytes:
+        if self.upstream_path is not None:
+            return self.upstream_path
+        return self.path + b"?" + self.query if self.query else self.path

@@ -1,0 +1,87 @@
+"""The compiled, immutable form of a configuration that workers serve from. A reload builds a new one;
+connections keep the runtime they were accepted under until they close."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bastion.config.schema import Config
+
+
+class CompiledRoute:
+    __slots__ = (
+        "name",
+        "index",
+        "priority",
+        "host_accepts",
+        "conditions",
+        "upstream",
+        "filters",
+        "on_request",
+        "on_upstream_request",
+        "on_response",
+        "on_log",
+        "connect_timeout",
+        "read_timeout",
+        "client_body_timeout",
+        "websocket_idle",
+        "body_limit",
+        "upgrade_any",
+        "upgrade_allowed",
+        "description",
+    )
+
+    def __init__(self, name: str, index: int, priority: int = 0):
+        self.name = name
+        self.index = index
+        self.priority = priority
+        self.host_accepts = None
+        self.conditions: tuple = ()
+        self.upstream = None
+        self.filters: list = []
+        self.on_request: tuple = ()
+        self.on_upstream_request: tuple = ()
+        self.on_response: tuple = ()
+        self.on_log: tuple = ()
+        self.connect_timeout = 5.0
+        self.read_timeout = 60.0
+        self.client_body_timeout = 60.0
+        self.websocket_idle = 3600.0
+        self.body_limit = 0
+        self.upgrade_any = False
+        self.upgrade_allowed: frozenset = frozenset()
+        self.description = ""
+
+    def allows_upgrade(self, protocol: bytes | None) -> bool:
+        if protocol is None:
+            return False
+        return self.upgrade_any or protocol.split(b"/", 1)[0].strip() in self.upgrade_allowed
+
+    def __repr__(self) -> str:
+        return f"<route {self.name}>"
+
+
+@dataclass
+class Runtime:
+    config: Config
+    source: str
+    router: object
+    routes: list
+    upstream_groups: list
+    fallback_route: CompiledRoute
+    periodic: list = field(default_factory=list)
+    closers: list = field(default_factory=list)
+
+    def tick(self, now: float) -> None:
+        for group in self.upstream_groups:
+            group.sweep(now)
+        for callback in self.periodic:
+            callback()
+
+    def close(self) -> None:
+        for group in self.upstream_groups:
+            group.close_idle()
+        for callback in self.periodic:
+            callback()
+        for callback in self.closers:
+            callback()

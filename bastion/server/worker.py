@@ -1,0 +1,181 @@
+"""A worker process: one uvloop event loop serving the listening sockets it inherited from the master.
+
+SIGTERM or SIGQUIT: drain (stop accepting, finish in-flight requests and tunnels, close idle
+keep-alive connections) up to the drain deadline, then exit. SIGINT: exit now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+from bastion.http.h1_server import ClientConnection
+from bastion.proxy.exchange import reseed_request_ids
+
+log = logging.getLogger("bastion.worker")
+
+SWEEP_INTERVAL = 0.25
+TICK_EVERY = 4  # sweeps per runtime tick (pool sweeps, metrics and log flushes)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker if the master dies, so no worker is ever orphaned."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class Worker:
+    def __init__(self, runtime, listen_sockets: list, admin_socket, master_pid: int, generation: int):
+        self.runtime = runtime
+        self.listen_sockets = listen_sockets
+        self.admin_socket = admin_socket
+        self.master_pid = master_pid
+        self.generation = generation
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.connections: set[ClientConnection] = set()
+        self.tunnels = 0
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.servers: list = []
+        self.stopped: asyncio.Future | None = None
+
+    # -- called by connections ----------------------------------------------------------------------------
+    def connection_opened(self, conn) -> None:
+        self.connections.add(conn)
+        if self.draining:
+            conn.drain(self.loop.time())
+
+    def connection_closed(self, conn) -> None:
+        self.connections.discard(conn)
+        if self.draining and not self.connections and self.stopped is not None and not self.stopped.done():
+            self.stopped.set_result(None)
+
+    def tunnel_opened(self, conn) -> None:
+        self.tunnels += 1
+
+    def tunnel_closed(self, conn) -> None:
+        self.tunnels -= 1
+
+    def count_upstream_error(self, ex, reason: str) -> None:
+        """Upstream errors are counted by the metrics filter in the log phase; kept for a log line."""
+        log.debug("upstream error %s for %s", reason, ex.request_id)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def run(self) -> int:
+        _die_with_parent()
+        reseed_request_ids()
+        import uvloop
+
+        self.loop = loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        loop.set_exception_handler(self._loop_exception)
+        try:
+            return loop.run_until_complete(self._main())
+        finally:
+            try:
+                self.runtime.close()
+            except Exception:  # noqa: BLE001 - exiting anyway; the log says why
+                log.exception("while closing the runtime")
+            loop.close()
+
+    def _loop_exception(self, loop, context) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            return
+        loop.default_exception_handler(context)
+
+    async def _main(self) -> int:
+        loop = self.loop
+        self.stopped = loop.create_future()
+        loop.add_signal_handler(signal.SIGTERM, self.begin_drain)
+        loop.add_signal_handler(signal.SIGQUIT, self.begin_drain)
+        loop.add_signal_handler(signal.SIGINT, self._stop_now)
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        runtime = self.runtime
+        metrics = getattr(runtime, "metrics", None)
+        if metrics is not None:
+            metrics.set_gauge("open_connections", lambda: len(self.connections))
+            metrics.set_gauge("open_tunnels", lambda: self.tunnels)
+        for sock in self.listen_sockets:
+            server = await loop.create_server(lambda: ClientConnection(self, runtime), sock=sock, backlog=4096)
+            self.servers.append(server)
+        if self.admin_socket is not None:
+            from bastion.admin.server import AdminConnection
+
+            server = await loop.create_server(lambda: AdminConnection(self), sock=self.admin_socket, backlog=128)
+            self.servers.append(server)
+        sweeper = loop.create_task(self._sweep())
+        try:
+            await self.stopped
+        finally:
+            sweeper.cancel()
+            for conn in list(self.connections):
+                if conn.transport is not None:
+                    conn.transport.abort()
+        return 0
+
+    async def _sweep(self) -> None:
+        loop = self.loop
+        count = 0
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = loop.time()
+            for conn in list(self.connections):
+                try:
+                    conn.check_deadline(now)
+                except Exception:  # noqa: BLE001 - one broken connection must not stop the timers
+                    log.exception("timer of a connection failed")
+                    if conn.transport is not None:
+                        conn.transport.abort()
+            count += 1
+            if count % TICK_EVERY == 0 or self.draining:
+                try:
+                    self.runtime.tick(now)
+                except Exception:  # noqa: BLE001
+                    log.exception("periodic work failed")
+            if os.getppid() != self.master_pid and not self.draining:
+                log.warning("master %d is gone; draining", self.master_pid)
+                self.begin_drain()
+            if self.draining:
+                if not self.connections or now >= self.drain_deadline:
+                    if self.connections:
+                        log.warning("drain deadline passed with %d connections open; closing them", len(self.connections))
+                    if not self.stopped.done():
+                        self.stopped.set_result(None)
+
+    def begin_drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        now = self.loop.time()
+        self.drain_deadline = now + self.runtime.config.timeouts.drain
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.drain(now)
+        if not self.connections and not self.stopped.done():
+            self.stopped.set_result(None)
+
+    def _stop_now(self) -> None:
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+
+def run_worker(runtime, listen_sockets, admin_socket, master_pid: int, generation: int) -> int:
+    try:
+        return Worker(runtime, listen_sockets, admin_socket, master_pid, generation).run()
+    except KeyboardInterrupt:
+        return 0
+    except Exception:  # noqa: BLE001 - reported by the master as an unexpected worker exit
+        log.exception("worker failed")
+        return 1
+    finally:
+        sys.stdout.flush()
