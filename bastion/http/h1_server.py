@@ -10,6 +10,7 @@ configured size limits. Any of these gets a 4xx, `Connection: close`, and nothin
 from __future__ import annotations
 
 import asyncio
+from time import monotonic
 import logging
 from collections import deque
 
@@ -100,7 +101,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
         self.parser = HttpRequestParser(self)
-        now = self.loop.time()
+        now = monotonic()
         self.last_active = now
         self.deadline = now + self.timeouts.client_header
         self.deadline_kind = DL_HEADER
@@ -172,7 +173,7 @@ class ClientConnection(asyncio.Protocol):
     # -- incoming bytes ---------------------------------------------------------------------------------
     def data_received(self, data: bytes):
         if self.tunnel is not None:
-            self.last_active = self.loop.time()
+            self.last_active = monotonic()
             self.tunnel.transport.write(data)
             return
         if self.deadline_kind == DL_LINGER:
@@ -204,7 +205,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------------------
     def on_message_begin(self):
-        now = self.loop.time()
+        now = monotonic()
         ex = Exchange(self, now)
         ex.client_ip = self.client_ip
         ex.scheme = self.scheme
@@ -320,7 +321,7 @@ class ClientConnection(asyncio.Protocol):
         if self.active is None:
             self.active = ex
             if ex.body_chunks is not None:
-                self.deadline = self.loop.time() + self.timeouts.client_body
+                self.deadline = monotonic() + self.timeouts.client_body
                 self.deadline_kind = DL_BODY
             else:
                 self.deadline = 0.0
@@ -351,7 +352,7 @@ class ClientConnection(asyncio.Protocol):
         if ex.route is not None and ex.bytes_in > ex.route.body_limit:
             raise RequestRejected(413, "body_too_large")
         if ex is self.active:
-            self.deadline = self.loop.time() + self.timeouts.client_body
+            self.deadline = monotonic() + self.timeouts.client_body
             if self.upstream_ready:
                 up = self.upstream
                 if ex.chunked:
@@ -412,7 +413,7 @@ class ClientConnection(asyncio.Protocol):
         self._connect_or_attach(ex, peer)
 
     def _connect_or_attach(self, ex, peer, fresh: bool = False) -> None:
-        up = None if fresh else peer.acquire(self.loop.time())
+        up = None if fresh else peer.acquire(monotonic())
         if up is not None:
             self._attach(ex, up, True)
         else:
@@ -444,7 +445,7 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = up
         up.reused = reused
         up.begin(self, ex.method == b"HEAD")
-        now = self.loop.time()
+        now = monotonic()
         ex.upstream_start = now
         up.deadline = now + ex.route.read_timeout
         head = ex.upstream_head
@@ -508,7 +509,7 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_head(self, up, status: int, headers, framing: int) -> None:
         ex = self.active
-        now = self.loop.time()
+        now = monotonic()
         up.deadline = now + ex.route.read_timeout
         ex.status = status
         ex.response_headers_raw = headers
@@ -555,7 +556,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(body)
         up = self.upstream
         if up is not None and len(body) > 4096:
-            up.deadline = self.loop.time() + ex.route.read_timeout
+            up.deadline = monotonic() + ex.route.read_timeout
 
     def upstream_complete(self, up, reusable: bool) -> None:
         ex = self.active
@@ -565,10 +566,10 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(_CHUNK_END)
         self.upstream = None
         self.upstream_ready = False
-        ex.upstream_time = self.loop.time() - ex.upstream_start
+        ex.upstream_time = monotonic() - ex.upstream_start
         up.detach()
         if reusable and ex.request_complete and up.alive:
-            ex.peer.release(up, self.loop.time())
+            ex.peer.release(up, monotonic())
         else:
             up.close()
         if not ex.request_complete:
@@ -604,7 +605,7 @@ class ClientConnection(asyncio.Protocol):
         if self.active is not ex or self.closed:
             return
         ex.error = reason
-        ex.upstream_time = self.loop.time() - ex.upstream_start if ex.upstream_start else None
+        ex.upstream_time = monotonic() - ex.upstream_start if ex.upstream_start else None
         self.worker.count_upstream_error(ex, reason)
         if self.resp_started:
             # Part of the response is out: the only honest signal left is to cut the connection.
@@ -623,7 +624,7 @@ class ClientConnection(asyncio.Protocol):
         self.upgrading = False
         self.deadline = 0.0
         self.deadline_kind = DL_TUNNEL
-        self.last_active = self.loop.time()
+        self.last_active = monotonic()
         if rest:
             self.transport.write(rest)
         pending = self.tunnel_pending or []
@@ -634,7 +635,7 @@ class ClientConnection(asyncio.Protocol):
         self.worker.tunnel_opened(self)
 
     def tunnel_from_upstream(self, data: bytes) -> None:
-        self.last_active = self.loop.time()
+        self.last_active = monotonic()
         self.active.bytes_out += len(data)
         self.transport.write(data)
 
@@ -693,7 +694,7 @@ class ClientConnection(asyncio.Protocol):
         if self.worker.draining and self.parsing is None:
             self.lingering_close()
             return
-        now = self.loop.time()
+        now = monotonic()
         self.last_active = now
         if self.parsing is None:
             self.deadline = now + self.timeouts.keepalive
@@ -711,7 +712,7 @@ class ClientConnection(asyncio.Protocol):
         self.queue = None
         ex = self.parsing or self.active
         if ex is None:
-            ex = Exchange(self, self.loop.time())
+            ex = Exchange(self, monotonic())
             ex.client_ip = self.client_ip
         if self.active is not None and self.active is not ex:
             self.active.error = "connection_rejected"
@@ -737,7 +738,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or self.deadline_kind == DL_LINGER:
             return
         self.deadline_kind = DL_LINGER
-        self.deadline = self.loop.time() + 2.0
+        self.deadline = monotonic() + 2.0
         self.paused = 0
         try:
             self.transport.resume_reading()

@@ -8,6 +8,7 @@ system call.
 from __future__ import annotations
 
 import json
+from time import monotonic
 import os
 import time
 
@@ -52,7 +53,7 @@ class AccessLog:
 
     def logging(self, ex) -> None:
         wall = time.time()
-        duration = ex.conn.loop.time() - ex.start
+        duration = monotonic() - ex.start
         if self.format == "json":
             line = self._json_line(ex, wall, duration)
         else:

@@ -8,6 +8,7 @@ of any worker reads and sums. That keeps the per-request cost to a few dictionar
 from __future__ import annotations
 
 from bisect import bisect_left
+from time import monotonic
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 UPSTREAM_ERRORS = frozenset(
@@ -49,7 +50,7 @@ class Metrics:
         key = (route, _STATUS_CLASS.get(ex.status // 100, "other"))
         counts = self.counts
         counts[key] = counts.get(key, 0) + 1
-        duration = ex.conn.loop.time() - ex.start
+        duration = monotonic() - ex.start
         hist = self.histograms.get(route)
         if hist is None:
             hist = self.histograms[route] = [[0] * (len(BUCKETS) + 1), 0.0]

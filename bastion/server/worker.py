@@ -7,6 +7,7 @@ keep-alive connections) up to the drain deadline, then exit. SIGINT: exit now.
 from __future__ import annotations
 
 import asyncio
+from time import monotonic
 import ctypes
 import logging
 import os
@@ -51,7 +52,7 @@ class Worker:
     def connection_opened(self, conn) -> None:
         self.connections.add(conn)
         if self.draining:
-            conn.drain(self.loop.time())
+            conn.drain(monotonic())
 
     def connection_closed(self, conn) -> None:
         self.connections.discard(conn)
@@ -127,7 +128,7 @@ class Worker:
         count = 0
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            now = loop.time()
+            now = monotonic()
             for conn in list(self.connections):
                 try:
                     conn.check_deadline(now)
@@ -155,7 +156,7 @@ class Worker:
         if self.draining:
             return
         self.draining = True
-        now = self.loop.time()
+        now = monotonic()
         self.drain_deadline = now + self.runtime.config.timeouts.drain
         for server in self.servers:
             server.close()
