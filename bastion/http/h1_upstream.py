@@ -108,6 +108,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             owner.tunnel_from_upstream(data)
             return
+        out = owner.begin_batch()
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -119,6 +120,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self.fail("invalid_response")
         except HttpParserError:
             self.fail("invalid_response")
+        finally:
+            owner.end_batch(out)
 
     # -- httptools callbacks ---------------------------------------------------------------------------
     def on_message_begin(self):
