@@ -213,6 +213,7 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes):
         if self.tunnel is not None:
             self.last_active = monotonic()
+            self.active.bytes_in += len(data)
             self.tunnel.transport.write(data)
             return
         if self.deadline_kind == DL_LINGER:
@@ -357,6 +358,8 @@ class ClientConnection(asyncio.Protocol):
             self.close_after = True
         if ex.content_length or ex.chunked:
             ex.body_chunks = []
+        elif not parser.should_upgrade():
+            ex.request_complete = True
         if self.active is None:
             self.active = ex
             if ex.body_chunks is not None:
@@ -414,6 +417,12 @@ class ClientConnection(asyncio.Protocol):
             return
         self.parsing = None
         ex.request_complete = True
+        if self.active is None:
+            # Answered before its end arrived (a local response): now the connection is idle.
+            if not self.close_after and not self.closed and self.deadline_kind != DL_LINGER:
+                self.deadline = monotonic() + self.timeouts.keepalive
+                self.deadline_kind = DL_IDLE
+            return
         if ex is self.active:
             if self.deadline_kind == DL_BODY:
                 self.deadline = 0.0
@@ -729,8 +738,7 @@ class ClientConnection(asyncio.Protocol):
             self.active = nxt
             self.deadline = 0.0
             self.deadline_kind = DL_NONE
-            if nxt.request_complete or nxt is not self.parsing:
-                self._resume(PAUSE_PIPELINE)
+            self._resume(PAUSE_PIPELINE)
             engine.start(self, nxt, self.runtime)
             return
         self._resume(PAUSE_PIPELINE)
