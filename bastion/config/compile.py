@@ -6,7 +6,7 @@ from __future__ import annotations
 from bastion.config.loader import ConfigError, ConfigProblem, load_config
 from bastion.config.schema import Config, Route, Upstream
 from bastion.filters.answers import FixedResponse, Redirect
-from bastion.filters.backend_identity import HideBackendHeaders
+from bastion.filters.backend_identity import ServerHeader
 from bastion.filters.forwarding import ForwardingHeaders
 from bastion.filters.header_ops import RequestHeaders, ResponseHeaders
 from bastion.filters.rewrite import PathRewrite
@@ -20,11 +20,11 @@ from bastion.routing.router import Router
 from bastion.upstream.pool import Peer, UpstreamGroup
 
 
-def _group(name: str, spec: Upstream) -> UpstreamGroup:
+def _group(name: str, spec: Upstream, hidden: frozenset) -> UpstreamGroup:
     peers = []
     for server in spec.servers:
         host, port = server.host_port
-        peers.append(Peer(host, port, server.weight, spec.keepalive.max_idle, spec.keepalive.idle_timeout))
+        peers.append(Peer(host, port, server.weight, spec.keepalive.max_idle, spec.keepalive.idle_timeout, hidden))
     return UpstreamGroup(name, peers)
 
 
@@ -80,13 +80,18 @@ def _phase_tuples(route: CompiledRoute) -> None:
 
 def compile_config(config: Config, source: str = "<config>") -> Runtime:
     problems: list[ConfigProblem] = []
-    groups = {name: _group(name, spec) for name, spec in config.upstreams.items()}
     proxy = config.proxy
+    hidden = {n.lower().encode() for n in proxy.hide_headers}
+    if proxy.request_id_header:
+        hidden.add(proxy.request_id_header.lower().encode())  # Bastion's own id is the one that counts
+    hidden = frozenset(hidden)
+    groups = {name: _group(name, spec, hidden) for name, spec in config.upstreams.items()}
     trusted = TrustedProxies(list(config.trusted_proxies))
 
-    # Filters every route gets, in this order: backend identity, forwarding headers, the global user
-    # filters; then the route's own; the log phase ends with the access log and metrics.
-    hide = HideBackendHeaders(proxy.hide_headers, proxy.server_header, proxy.request_id_header)
+    # Filters every route gets, in this order: our Server header (if configured), forwarding headers,
+    # the global user filters; then the route's own; the log phase ends with the access log and metrics.
+    # Hidden backend headers (proxy.hide_headers) are dropped by the upstream connection itself, in the
+    # same pass that drops hop-by-hop headers.
     forwarding = ForwardingHeaders(trusted, proxy.x_forwarded, proxy.forwarded, proxy.via,
                                    proxy.request_id_header, proxy.preserve_host)
     global_user = _user_filters(config.filters, "filters", source, problems)
@@ -96,7 +101,9 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
     if config.access_log.enabled:
         access_log = AccessLog(config.access_log.format, config.access_log.path)
         tail.insert(0, access_log)
-    head = [hide, forwarding] + global_user
+    head = [forwarding] + global_user
+    if proxy.server_header:
+        head.insert(0, ServerHeader(proxy.server_header))
 
     timeouts = config.timeouts
     routes = []
@@ -127,7 +134,7 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         elif isinstance(spec.upstream, str):
             route.upstream = groups[spec.upstream]
         else:
-            route.upstream = groups.setdefault(f"{route.name}", _group(route.name, spec.upstream))
+            route.upstream = groups.setdefault(f"{route.name}", _group(route.name, spec.upstream, hidden))
         route.filters = filters + tail
         _phase_tuples(route)
         rt = spec.timeouts

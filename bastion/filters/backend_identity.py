@@ -1,23 +1,13 @@
-"""Hide what the backend is: drop Server, X-Powered-By and friends from responses (optionally set our
-own Server), and any X-Request-ID the backend echoes, since Bastion sets its own."""
+"""Bastion's own Server header, when `proxy.server_header` is set. (The backend's Server, X-Powered-By
+and the other `proxy.hide_headers` are dropped by the upstream connection while it reads the response
+head, in the pass that drops hop-by-hop headers, so hiding them costs nothing extra.)"""
 
 from __future__ import annotations
 
 
-class HideBackendHeaders:
-    def __init__(self, names: list[str], server_header: str | None = None, request_id_header: str | None = None):
-        hidden = {n.lower().encode() for n in names}
-        if request_id_header:
-            hidden.add(request_id_header.lower().encode())
-        self.hidden = frozenset(hidden)
-        self.server = server_header.encode() if server_header else None
+class ServerHeader:
+    def __init__(self, value: str):
+        self.value = value.encode("latin-1")
 
     def response_filter(self, ex) -> None:
-        hidden = self.hidden
-        headers = ex.response_headers_raw
-        for name, _ in headers:
-            if name.lower() in hidden:
-                ex.response_headers_raw = headers = [(n, v) for n, v in headers if n.lower() not in hidden]
-                break
-        if self.server is not None:
-            headers.append((b"Server", self.server))
+        ex.response_headers_raw.append((b"Server", self.value))

@@ -6,8 +6,6 @@ they are replaced, so a client cannot forge its address towards the backend.
 
 from __future__ import annotations
 
-import ipaddress
-
 from bastion.filters.trust import TrustedProxies
 
 _XFF = b"x-forwarded-for"
@@ -48,7 +46,17 @@ class ForwardingHeaders:
         self.managed = frozenset(managed)
 
     def upstream_request_filter(self, ex) -> None:
-        trusted = self.trusted.contains(ex.client_ip)
+        if ex.via_proxy or not self.preserve_host:
+            # Only requests that came through another proxy carry headers to take apart.
+            kept, xff, xfp, xfh, fwd, via = self._take_incoming(ex)
+            trusted = self.trusted.contains(ex.client_ip)
+        else:
+            kept, xff, xfp, xfh, fwd, via = ex.headers, None, None, None, None, None
+            trusted = False
+        self._append(ex, kept, trusted, xff, xfp, xfh, fwd, via)
+        ex.headers = kept
+
+    def _take_incoming(self, ex) -> tuple:
         managed = self.managed
         kept = []
         xff = xfp = xfh = fwd = via = None
@@ -67,6 +75,9 @@ class ForwardingHeaders:
                     via = value if via is None else via + b", " + value
                 continue
             kept.append((name, value))
+        return kept, xff, xfp, xfh, fwd, via
+
+    def _append(self, ex, kept, trusted, xff, xfp, xfh, fwd, via) -> None:
         client = ex.client_ip.encode()
         if not self.preserve_host and ex.peer is not None:
             kept.append((b"Host", ex.peer.address_bytes))
@@ -85,7 +96,6 @@ class ForwardingHeaders:
             kept.append((b"Via", via + b", " + self.via if via else self.via))
         if self.request_id_header is not None and ex.incoming_request_id is None:
             kept.append((self.request_id_header, ex.request_id_bytes))
-        ex.headers = kept
 
     def response_filter(self, ex) -> None:
         if self.request_id_header is not None:

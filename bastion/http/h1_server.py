@@ -44,7 +44,9 @@ DL_LINGER = 5
 BODY_PREFETCH = 64 * 1024
 BODY_BUFFER_PAUSE = 256 * 1024
 
-_SPECIAL = HOP_BY_HOP | {b"host", b"expect", b"content-length", b"x-request-id"}
+# Headers saying the request already passed a proxy; the forwarding filter only rewrites when one is there.
+_VIA_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"via"})
+_SPECIAL = HOP_BY_HOP | _VIA_HEADERS | {b"host", b"expect", b"content-length", b"x-request-id"}
 _NOT_PROXY_TOKENS = {b"close", b"keep-alive", b"upgrade", b""}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END = b"0\r\n\r\n"
@@ -64,6 +66,7 @@ class ClientConnection(asyncio.Protocol):
         self.loop = worker.loop
         config = runtime.config
         self.limits = config.limits
+        self.max_headers = config.limits.header_count
         self.timeouts = config.timeouts
         self.scheme = scheme
         self.transport = None
@@ -77,8 +80,8 @@ class ClientConnection(asyncio.Protocol):
         self.url = b""
         self.in_head = False
         self.head_seen = 0
-        self.header_count = 0
-        self.header_size = 0
+        self.raw_headers: list = []
+        self.trailers: list = []
         self.host_count = 0
         self.connection_tokens: bytes | None = None
         self.paused = 0
@@ -253,8 +256,8 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = True
         self.head_seen = 0
         self.url = b""
-        self.header_count = 0
-        self.header_size = 0
+        self.raw_headers = []
+        self.trailers.clear()
         self.host_count = 0
         self.connection_tokens = None
         if self.active is None:
@@ -267,25 +270,32 @@ class ClientConnection(asyncio.Protocol):
             raise RequestRejected(414, "request_line_too_long")
 
     def on_header(self, name: bytes, value: bytes):
-        if not self.in_head:
-            return  # trailer fields are not forwarded
-        self.header_count += 1
-        self.header_size += len(name) + len(value) + 4
-        limits = self.limits
-        if self.header_count > limits.header_count:
+        # Only collect here: one pass over the list at the end of the head is cheaper than work per call.
+        raw = self.raw_headers
+        if len(raw) >= self.max_headers:
             raise RequestRejected(431, "too_many_headers")
-        if self.header_size > limits.header_bytes:
-            raise RequestRejected(431, "header_too_large")
-        lname = name.lower()
-        ex = self.parsing
-        if lname in _SPECIAL:
+        raw.append((name, value))
+
+    def _take_headers(self, ex) -> None:
+        raw = self.raw_headers
+        self.raw_headers = self.trailers  # fields after the body (trailers) are not forwarded
+        limits = self.limits
+        size = 0
+        kept = []
+        for pair in raw:
+            name, value = pair
+            size += len(name) + len(value) + 4
+            lname = name.lower()
+            if lname not in _SPECIAL:
+                kept.append(pair)
+                continue
             if lname == b"host":
                 self.host_count += 1
                 ex.host_header = value
-                ex.headers.append((name, value))
+                kept.append(pair)
             elif lname == b"content-length":
                 ex.content_length = int(value)
-                ex.headers.append((name, value))
+                kept.append(pair)
             elif lname == b"transfer-encoding":
                 ex.chunked = True  # llhttp accepts only a final "chunked"
             elif lname == b"connection":
@@ -300,14 +310,19 @@ class ClientConnection(asyncio.Protocol):
             elif lname == b"x-request-id":
                 if 0 < len(value) <= 200:
                     ex.incoming_request_id = value
-                    ex.headers.append((name, value))
+                    kept.append(pair)
+            elif lname in _VIA_HEADERS:
+                ex.via_proxy = True
+                kept.append(pair)
             # the remaining hop-by-hop headers are dropped here
-            return
-        ex.headers.append((name, value))
+        if size > limits.header_bytes:
+            raise RequestRejected(431, "header_too_large")
+        ex.headers = kept
 
     def on_headers_complete(self):
         self.in_head = False
         ex = self.parsing
+        self._take_headers(ex)
         parser = self.parser
         version = parser.get_http_version()
         if version != "1.1":

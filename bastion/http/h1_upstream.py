@@ -10,13 +10,14 @@ import asyncio
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from bastion.http.headers import HOP_BY_HOP
 
 # Response framing as the client side needs to know it.
 FRAMING_LENGTH = 0  # Content-Length given
 FRAMING_CHUNKED = 1  # chunked from the backend
 FRAMING_CLOSE = 2  # body ends when the backend closes
 FRAMING_NONE = 3  # no body (HEAD, 1xx, 204, 304)
+
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -30,7 +31,6 @@ class UpstreamConnection(asyncio.Protocol):
         "reused",
         "got_bytes",
         "headers",
-        "connection_tokens",
         "chunked",
         "content_length",
         "keep_alive",
@@ -52,7 +52,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.got_bytes = False
         self.headers: list[tuple[bytes, bytes]] = []
-        self.connection_tokens: bytes | None = None
         self.chunked = False
         self.content_length = -1
         self.keep_alive = True
@@ -126,40 +125,43 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------------------
     def on_message_begin(self):
         self.headers = []
-        self.connection_tokens = None
         self.chunked = False
         self.content_length = -1
         self.head_done = False
 
     def on_header(self, name: bytes, value: bytes):
-        lname = name.lower()
-        if lname in HOP_BY_HOP:
-            if lname == b"transfer-encoding":
-                self.chunked = value.lower().rstrip().endswith(b"chunked")
-            elif lname == b"connection":
-                self.connection_tokens = value.lower() if self.connection_tokens is None else self.connection_tokens + b"," + value.lower()
-            elif lname == b"upgrade":
-                self.headers.append((name, value))
-            return
-        if lname == b"content-length":
-            self.content_length = int(value)
         self.headers.append((name, value))
 
     def on_headers_complete(self):
         parser = self.parser
         self.status = status = parser.get_status_code()
         self.keep_alive = parser.should_keep_alive()
-        tokens = self.connection_tokens
-        headers = self.headers
+        # One pass: drop hop-by-hop and hidden headers, note the framing and Connection's tokens.
+        special = self.peer.response_special
+        kept = []
+        tokens = None
+        upgrade = None
+        for pair in self.headers:
+            lname = pair[0].lower()
+            if lname not in special:
+                kept.append(pair)
+            elif lname == b"content-length":
+                self.content_length = int(pair[1])
+                kept.append(pair)
+            elif lname == b"transfer-encoding":
+                self.chunked = pair[1].lower().rstrip().endswith(b"chunked")
+            elif lname == b"connection":
+                tokens = pair[1].lower() if tokens is None else tokens + b"," + pair[1].lower()
+            elif lname == b"upgrade":
+                upgrade = pair
         if tokens is not None:
-            named = {t.strip() for t in tokens.split(b",")}
-            named.discard(b"close")
-            named.discard(b"keep-alive")
-            named.discard(b"upgrade")
+            named = {t.strip() for t in tokens.split(b",")} - _CONNECTION_OPTIONS
             if named:
-                headers = self.headers = [(n, v) for n, v in headers if n.lower() not in named]
-        if status != 101:
-            self.headers = headers = [(n, v) for n, v in headers if n.lower() != b"upgrade"] if tokens is not None and b"upgrade" in tokens else headers
+                kept = [(n, v) for n, v in kept if n.lower() not in named]
+        if status == 101 and upgrade is not None:
+            kept.append(upgrade)
+        self.headers = kept
+        headers = kept
         owner = self.owner
         if owner is None:
             return

@@ -85,9 +85,7 @@ class Exchange:
         "upstream_time",
         "error",
         "_state",
-        "incoming_xff",
         "incoming_request_id",
-        "incoming_via",
         "body_chunks",
         "body_buffered",
         "body_sent",
@@ -95,6 +93,7 @@ class Exchange:
         "discard_body",
         "waiting_body",
         "upstream_head",
+        "via_proxy",
     )
 
     def __init__(self, conn, start: float):
@@ -127,9 +126,7 @@ class Exchange:
         self.upstream_time: float | None = None
         self.error: str | None = None
         self._state: dict | None = None
-        self.incoming_xff: bytes | None = None
         self.incoming_request_id: bytes | None = None
-        self.incoming_via: bytes | None = None
         self.body_chunks: list[bytes] | None = None
         self.body_buffered = 0
         self.body_sent = False
@@ -137,6 +134,7 @@ class Exchange:
         self.discard_body = False
         self.waiting_body = False
         self.upstream_head: bytes | None = None
+        self.via_proxy = False
 
     # -- identity -------------------------------------------------------------------------------------
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from bastion.http.headers import HOP_BY_HOP
 from bastion.upstream.balancer import SmoothWeightedRoundRobin
 
 if TYPE_CHECKING:
@@ -13,9 +14,11 @@ if TYPE_CHECKING:
 class Peer:
     """One backend address. Holds the idle keep-alive connections of this worker to it."""
 
-    __slots__ = ("host", "port", "address", "address_bytes", "weight", "max_idle", "idle_timeout", "idle", "connections")
+    __slots__ = ("host", "port", "address", "address_bytes", "weight", "max_idle", "idle_timeout", "idle", "connections",
+                 "response_special")
 
-    def __init__(self, host: str, port: int, weight: int, max_idle: int, idle_timeout: float):
+    def __init__(self, host: str, port: int, weight: int, max_idle: int, idle_timeout: float,
+                 hidden_response_headers: frozenset = frozenset()):
         self.host = host
         self.port = port
         self.address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
@@ -25,6 +28,9 @@ class Peer:
         self.idle_timeout = idle_timeout
         self.idle: list[UpstreamConnection] = []
         self.connections = 0
+        # Response headers that need a look: hop-by-hop ones, Content-Length, and the configured hidden
+        # ones (proxy.hide_headers, as nginx's proxy_hide_header), which are never passed on.
+        self.response_special = HOP_BY_HOP | {b"content-length"} | hidden_response_headers
 
     def acquire(self, now: float) -> UpstreamConnection | None:
         idle = self.idle
