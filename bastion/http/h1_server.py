@@ -467,13 +467,17 @@ class ClientConnection(asyncio.Protocol):
 
     def forward(self, ex, peer) -> None:
         """Called by the engine once filters ran and a peer is chosen."""
-        route = ex.route
-        if ex.expect_continue and not ex.request_complete:
-            self.send_continue()
-        if not ex.request_complete and ex.body_chunks is not None and ex.body_buffered < BODY_PREFETCH:
-            ex.waiting_body = True
-            return
-        self._connect_or_attach(ex, peer)
+        if not ex.request_complete:
+            if ex.expect_continue:
+                self.send_continue()
+            if ex.body_chunks is not None and ex.body_buffered < BODY_PREFETCH:
+                ex.waiting_body = True
+                return
+        up = peer.acquire(monotonic()) if peer.idle else None
+        if up is not None:
+            self._attach(ex, up, True)
+        else:
+            self.loop.create_task(self._connect(ex, peer))
 
     def _connect_or_attach(self, ex, peer, fresh: bool = False) -> None:
         up = None if fresh else peer.acquire(monotonic())
@@ -507,7 +511,10 @@ class ClientConnection(asyncio.Protocol):
     def _attach(self, ex, up: UpstreamConnection, reused: bool) -> None:
         self.upstream = up
         up.reused = reused
-        up.begin(self, ex.method == b"HEAD")
+        up.owner = self
+        up.got_bytes = False
+        up.head_done = False
+        up.head_request = ex.method == b"HEAD"
         now = monotonic()
         ex.upstream_start = now
         up.deadline = now + ex.route.read_timeout
@@ -537,7 +544,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             up.transport.write(head)
         self.upstream_ready = True
-        self._resume(PAUSE_BUFFER)
+        if self.paused:
+            self._resume(PAUSE_BUFFER)
         if self.write_paused:
             up.pause()
 

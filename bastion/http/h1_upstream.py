@@ -154,7 +154,7 @@ class UpstreamConnection(asyncio.Protocol):
                 tokens = pair[1].lower() if tokens is None else tokens + b"," + pair[1].lower()
             elif lname == b"upgrade":
                 upgrade = pair
-        if tokens is not None:
+        if tokens is not None and tokens not in _CONNECTION_OPTIONS:
             named = {t.strip() for t in tokens.split(b",")} - _CONNECTION_OPTIONS
             if named:
                 kept = [(n, v) for n, v in kept if n.lower() not in named]
@@ -196,13 +196,6 @@ class UpstreamConnection(asyncio.Protocol):
         owner.upstream_complete(self, reusable=self.keep_alive)
 
     # -- used by the client side ------------------------------------------------------------------------
-    def begin(self, owner, head_request: bool) -> None:
-        self.owner = owner
-        self.got_bytes = False
-        self.head_done = False
-        self.head_request = head_request
-        self.status = 0
-
     def detach(self) -> None:
         self.owner = None
         self.deadline = 0.0

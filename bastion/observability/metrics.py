@@ -37,29 +37,35 @@ class _Prom:
                                   multiprocess_mode="livesum")
 
 
+class _RouteCounts:
+    __slots__ = ("status", "buckets", "total", "errors")
+
+    def __init__(self):
+        self.status = [0] * 7  # by status // 100
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+        self.errors: dict[str, int] = {}
+
+
 class Metrics:
     def __init__(self):
-        self.counts: dict[tuple[str, str], int] = {}
-        self.errors: dict[tuple[str, str], int] = {}
-        self.histograms: dict[str, list] = {}
+        self.routes: dict[str, _RouteCounts] = {}
         self.gauges: dict[str, object] = {}
         self._prom: _Prom | None = None
 
     def logging(self, ex) -> None:
-        route = ex.route.name if ex.route is not None else ""
-        key = (route, _STATUS_CLASS.get(ex.status // 100, "other"))
-        counts = self.counts
-        counts[key] = counts.get(key, 0) + 1
+        name = ex.route.name if ex.route is not None else ""
+        counts = self.routes.get(name)
+        if counts is None:
+            counts = self.routes[name] = _RouteCounts()
+        status = ex.status // 100
+        counts.status[status if 0 < status < 6 else 6] += 1
         duration = monotonic() - ex.start
-        hist = self.histograms.get(route)
-        if hist is None:
-            hist = self.histograms[route] = [[0] * (len(BUCKETS) + 1), 0.0]
-        hist[0][bisect_left(BUCKETS, duration)] += 1
-        hist[1] += duration
+        counts.buckets[bisect_left(BUCKETS, duration)] += 1
+        counts.total += duration
         error = ex.error
         if error is not None and error in UPSTREAM_ERRORS:
-            ekey = (route, error)
-            self.errors[ekey] = self.errors.get(ekey, 0) + 1
+            counts.errors[error] = counts.errors.get(error, 0) + 1
 
     def set_gauge(self, name: str, source) -> None:
         """`source` is a callable read at every flush (e.g. the worker's open connection count)."""
@@ -69,19 +75,18 @@ class Metrics:
         prom = self._prom
         if prom is None:
             prom = self._prom = _Prom()
-        counts, self.counts = self.counts, {}
-        for (route, status_class), n in counts.items():
-            prom.requests.labels(route, status_class).inc(n)
-        errors, self.errors = self.errors, {}
-        for (route, kind), n in errors.items():
-            prom.upstream_errors.labels(route, kind).inc(n)
-        histograms, self.histograms = self.histograms, {}
-        for route, (buckets, total) in histograms.items():
+        routes, self.routes = self.routes, {}
+        for route, counts in routes.items():
+            for status, n in enumerate(counts.status):
+                if n:
+                    prom.requests.labels(route, _STATUS_CLASS.get(status, "other")).inc(n)
+            for kind, n in counts.errors.items():
+                prom.upstream_errors.labels(route, kind).inc(n)
             child = prom.duration.labels(route)
             # prometheus_client has no "observe many"; its per-bucket values take increments directly.
-            for index, n in enumerate(buckets):
+            for index, n in enumerate(counts.buckets):
                 if n:
                     child._buckets[index].inc(n)
-            child._sum.inc(total)
+            child._sum.inc(counts.total)
         for name, source in self.gauges.items():
             getattr(prom, name).set(source())

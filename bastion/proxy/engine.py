@@ -33,7 +33,10 @@ def start(conn, ex, runtime) -> None:
         conn.close_after = True
         respond_error(conn, ex, 413)
         return
-    run_request_filters(conn, ex, route, 0)
+    if route.on_request:
+        run_request_filters(conn, ex, route, 0)
+    else:
+        proceed_to_upstream(conn, ex, route)
 
 
 def run_request_filters(conn, ex, route, index: int) -> None:
