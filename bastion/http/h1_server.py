@@ -49,6 +49,7 @@ _VIA_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarde
 _SPECIAL = HOP_BY_HOP | _VIA_HEADERS | {b"host", b"expect", b"content-length", b"x-request-id"}
 _NOT_PROXY_TOKENS = {b"close", b"keep-alive", b"upgrade", b""}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_HEADERS: list = []  # placeholder until a request begins; never appended to (on_header needs a begun message)
 _CHUNK_END = b"0\r\n\r\n"
 
 
@@ -60,6 +61,45 @@ class RequestRejected(Exception):
 
 
 class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "worker",
+        "runtime",
+        "loop",
+        "limits",
+        "max_headers",
+        "timeouts",
+        "scheme",
+        "transport",
+        "parser",
+        "client_ip",
+        "parsing",
+        "active",
+        "queue",
+        "upstream",
+        "upstream_ready",
+        "url",
+        "in_head",
+        "head_seen",
+        "raw_headers",
+        "trailers",
+        "host_count",
+        "connection_tokens",
+        "paused",
+        "write_paused",
+        "close_after",
+        "closed",
+        "resp_started",
+        "resp_chunked",
+        "requests",
+        "deadline",
+        "deadline_kind",
+        "last_active",
+        "tunnel",
+        "tunnel_pending",
+        "upgrading",
+        "out",
+    )
+
     def __init__(self, worker, runtime, scheme: str = "http"):
         self.worker = worker
         self.runtime = runtime
@@ -80,7 +120,7 @@ class ClientConnection(asyncio.Protocol):
         self.url = b""
         self.in_head = False
         self.head_seen = 0
-        self.raw_headers: list = []
+        self.raw_headers: list = _NO_HEADERS
         self.trailers: list = []
         self.host_count = 0
         self.connection_tokens: bytes | None = None
