@@ -372,7 +372,7 @@ class ClientConnection(asyncio.Protocol):
             elif version.startswith("0."):
                 raise RequestRejected(400, "http09")
             else:
-                raise RequestRejected(505, "http_version")
+                raise RequestRejected(400, "http_version")
             ex.http_version = version
         ex.method = parser.get_method()
         ex.keep_alive = parser.should_keep_alive()

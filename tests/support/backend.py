@@ -1,0 +1,158 @@
+"""A real test backend (aiohttp) that Bastion's tests proxy to. Run: python backend.py --port P [--name N]
+
+/echo/... (and any unknown path)  JSON: name, method, path (with query), headers [[n, v], ...] in order,
+                                   body_length, body_sha256, conn (the client port, to see reuse)
+/status/{code}                    that status (no body for 204/304)
+/delay/{seconds}                  sleeps, then 200 "ok"
+/bytes/{n}                        n deterministic bytes (repeated 0123456789abcdef) with Content-Length
+/chunked/{n}                      the same, chunked
+/upload                           reads the body streaming, answers {length, sha256}
+/headers?Name=value&...           answers 200 with those response headers
+/ws                               WebSocket echo (text and binary)
+/close                            answers, then closes the connection
+/__stats, /__reset                request count (not counting these two), reset
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+
+from aiohttp import WSMsgType, web
+
+PATTERN = b"0123456789abcdef" * 4096  # 64 KiB
+
+
+def make_app(name: str) -> web.Application:
+    state = {"requests": 0, "connections": set()}
+
+    @web.middleware
+    async def count(request, handler):
+        if request.path not in ("/__stats", "/__reset"):
+            state["requests"] += 1
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            if peer:
+                state["connections"].add(peer[1])
+        return await handler(request)
+
+    async def echo(request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        length = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            length += len(chunk)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        payload = {
+            "name": name,
+            "method": request.method,
+            "path": request.raw_path,
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers],
+            "body_length": length,
+            "body_sha256": digest.hexdigest(),
+            "conn": peer[1] if peer else None,
+        }
+        return web.json_response(payload, headers={"X-Backend": name})
+
+    async def status(request):
+        code = int(request.match_info["code"])
+        if code in (204, 304) or code < 200:
+            return web.Response(status=code)
+        return web.Response(status=code, text=f"status {code}\n")
+
+    async def delay(request):
+        await asyncio.sleep(float(request.match_info["seconds"]))
+        return web.Response(text="ok")
+
+    async def stream_bytes(request, chunked: bool):
+        n = int(request.match_info["n"])
+        resp = web.StreamResponse()
+        if chunked:
+            resp.enable_chunked_encoding()
+        else:
+            resp.content_length = n
+        resp.content_type = "application/octet-stream"
+        await resp.prepare(request)
+        sent = 0
+        while sent < n:
+            piece = PATTERN[: min(len(PATTERN), n - sent)]
+            await resp.write(piece)
+            sent += len(piece)
+        await resp.write_eof()
+        return resp
+
+    async def upload(request):
+        digest = hashlib.sha256()
+        length = 0
+        async for chunk in request.content.iter_chunked(1 << 16):
+            digest.update(chunk)
+            length += len(chunk)
+        return web.json_response({"length": length, "sha256": digest.hexdigest()})
+
+    async def headers(request):
+        resp = web.Response(text="headers\n")
+        for key, value in request.query.items():
+            resp.headers[key] = value
+        return resp
+
+    async def ws(request):
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            if msg.type == WSMsgType.TEXT:
+                await sock.send_str(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await sock.send_bytes(msg.data)
+        return sock
+
+    async def close(request):
+        resp = web.Response(text="closing\n", headers={"Connection": "close"})
+        resp.force_close()
+        return resp
+
+    async def stats(request):
+        return web.json_response({"requests": state["requests"], "connections": len(state["connections"])})
+
+    async def reset(request):
+        state["requests"] = 0
+        state["connections"].clear()
+        return web.json_response({"requests": 0})
+
+    app = web.Application(middlewares=[count], client_max_size=1 << 40)
+    app.router.add_get("/__stats", stats)
+    app.router.add_route("*", "/__reset", reset)
+    app.router.add_route("*", "/status/{code}", status)
+    app.router.add_get("/delay/{seconds}", delay)
+    app.router.add_get("/bytes/{n}", lambda r: stream_bytes(r, False))
+    app.router.add_get("/chunked/{n}", lambda r: stream_bytes(r, True))
+    app.router.add_route("*", "/upload", upload)
+    app.router.add_get("/headers", headers)
+    app.router.add_get("/ws", ws)
+    app.router.add_get("/close", close)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", default="backend")
+    args = parser.parse_args()
+
+    async def serve():
+        runner = web.AppRunner(make_app(args.name), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", args.port)
+        await site.start()
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
