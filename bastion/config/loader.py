@@ -153,23 +153,32 @@ def _format_loc(loc: tuple) -> str:
     return out
 
 
+_TYPE_TAGS = frozenset({"int", "str", "float", "bool", "none", "list", "dict", "bytes"})
+
+
+def _is_union_tag(part) -> bool:
+    return isinstance(part, str) and (
+        part in _TYPE_TAGS or "[" in part or "-" in part or part[:1].isupper()
+    )
+
+
 def _navigable_loc(loc: tuple, data) -> tuple:
-    """pydantic puts union member tags ('str', 'Upstream') into locations; keep only what the file has."""
+    """pydantic puts union member tags ('str', 'Upstream', 'literal[...]') into locations; keep what the
+    file has, plus field names below a value given in short form (a string for a mapping)."""
     kept: list = []
     node = data
-    for position, part in enumerate(loc):
-        last = position == len(loc) - 1
+    for part in loc:
         if isinstance(node, dict) and part in node:
             kept.append(part)
             node = node[part]
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             kept.append(part)
             node = node[part]
-        elif last and isinstance(node, dict) and isinstance(part, str) and part.isidentifier():
+        elif _is_union_tag(part):
+            continue
+        else:
             kept.append(part)
-        elif isinstance(node, dict) and isinstance(part, str) and part == "with" and "with" in node:
-            kept.append(part)
-            node = node["with"]
+            node = None
     return tuple(kept)
 
 

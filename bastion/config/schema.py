@@ -10,7 +10,7 @@ import ipaddress
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from bastion.config.units import Duration, Size
 
@@ -298,11 +298,22 @@ class FilterRef(Section):
         return value
 
 
+def _upstream_kind(value) -> str:
+    return "upstream-name" if isinstance(value, str) else "upstream-inline"
+
+
+# A route names an upstream or gives one inline; the discriminator keeps errors to the form used.
+UpstreamRef = Annotated[
+    Union[Annotated[str, Tag("upstream-name")], Annotated[Upstream, Tag("upstream-inline")]],
+    Discriminator(_upstream_kind),
+]
+
+
 class Route(Section):
     name: str | None = None
     priority: int = 0
     match: Match = Match()
-    upstream: Union[str, Upstream, None] = None
+    upstream: UpstreamRef | None = None
     redirect: Redirect | None = None
     respond: Respond | None = None
     rewrite: Rewrite | None = None

@@ -387,7 +387,7 @@ class ClientConnection(asyncio.Protocol):
             ex.upgrade = None
         if self.host_count > 1:
             raise RequestRejected(400, "duplicate_host")
-        target = self.url
+        target = ex.target = self.url
         if target[:1] == b"/":
             path, _, ex.query = target.partition(b"?")
         elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
