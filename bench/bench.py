@@ -1,0 +1,457 @@
+"""`make bench`: Bastion against nginx and HAProxy, in one run, on this machine.
+
+A fixed nginx backend serves a 1 KiB body, a cacheable 1 KiB body and a 64 MiB file, and accepts 64 MiB
+uploads. In front of it: Bastion with one worker, nginx with one worker, HAProxy with one thread, all
+with upstream keep-alive. The proxy under test is pinned to CPU 0; the load generator and the backend to
+CPU 1. Every figure is the median of BENCH_RUNS interleaved runs (proxy A, B, C, A, B, C, ...) with the
+spread. Scenarios a proxy cannot do (yet) print n/a. Results go to bench/results/<time>.json.
+
+Environment: BENCH_RUNS (default 3), BENCH_SECONDS (default 5), BENCH_QUICK=1 (1 run of 2 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BASTION = ROOT / ".venv" / "bin" / "bastion"
+PYTHON = ROOT / ".venv" / "bin" / "python"
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+RUNS = 1 if QUICK else int(os.environ.get("BENCH_RUNS", "3"))
+SECONDS = 2 if QUICK else int(os.environ.get("BENCH_SECONDS", "5"))
+PROXY_CPU = "0"
+LOAD_CPU = "1" if (os.cpu_count() or 1) > 1 else "0"
+PROXIES = ("bastion", "nginx", "haproxy")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+class Proc:
+    """A started process group, always cleaned up."""
+
+    def __init__(self, name: str, args: list[str], cpu: str, env: dict | None = None, cwd: str | None = None):
+        self.name = name
+        self.proc = subprocess.Popen(["taskset", "-c", cpu, *args], env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(10)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+class Bench:
+    def __init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="bastion-bench-"))
+        self.tmp.chmod(0o755)  # nginx workers run as nobody and must read the document root
+        self.procs: list[Proc] = []
+        self.ports: dict[str, int] = {}
+        self.tls_ports: dict[str, int] = {}
+        self.workers: dict[str, int] = {}  # the process that does the work, per proxy
+        self.notes: list[str] = []
+
+    # -- setup --------------------------------------------------------------------------------------------
+    def start(self, name, args, cpu, port, env=None, cwd=None) -> Proc:
+        p = Proc(name, args, cpu, env, cwd)
+        self.procs.append(p)
+        if not wait_port(port, 15):
+            err = p.proc.stderr.read().decode(errors="replace") if p.proc.poll() is not None else "not listening"
+            raise RuntimeError(f"{name} did not start: {err[-2000:]}")
+        return p
+
+    def temp_paths(self, name: str) -> str:
+        d = self.tmp / name
+        d.mkdir(exist_ok=True)
+        return " ".join(f"{k}_temp_path {d}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+
+    def setup(self) -> None:
+        docroot = self.tmp / "www"
+        docroot.mkdir()
+        (docroot / "1k").write_bytes(b"a" * 1024)
+        (docroot / "cache").write_bytes(b"c" * 1024)
+        with open(docroot / "64m", "wb") as f:
+            f.write(os.urandom(1 << 20) * 64)
+        self.upload_file = docroot / "64m"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                        "-keyout", str(self.tmp / "key.pem"), "-out", str(self.tmp / "cert.pem")],
+                       check=True, capture_output=True)
+        (self.tmp / "both.pem").write_bytes((self.tmp / "cert.pem").read_bytes() + (self.tmp / "key.pem").read_bytes())
+
+        self.backend = free_port()
+        conf = self.tmp / "backend.conf"
+        conf.write_text(f"""
+worker_processes 1; daemon off; pid {self.tmp}/backend.pid; error_log {self.tmp}/backend.err;
+events {{ worker_connections 20000; }}
+http {{ access_log off; {self.temp_paths("backend")} keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{self.backend}; root {docroot};
+    location = /1k {{ default_type text/plain; }}
+    location = /cache {{ default_type text/plain; add_header Cache-Control "public, max-age=600"; }}
+    location = /64m {{ default_type application/octet-stream; }}
+    location = /upload {{ client_max_body_size 100m; return 200 "ok"; }}
+  }} }}""")
+        self.start("backend", ["nginx", "-c", str(conf)], LOAD_CPU, self.backend)
+        probe = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{self.backend}/1k"],
+                               capture_output=True, text=True).stdout
+        if probe != "200":
+            raise RuntimeError(f"the backend answers {probe} for /1k")
+
+        # nginx as the proxy
+        port, tls = free_port(), free_port()
+        conf = self.tmp / "nginx-proxy.conf"
+        conf.write_text(f"""
+worker_processes 1; worker_rlimit_nofile 20000; daemon off; pid {self.tmp}/proxy.pid; error_log {self.tmp}/proxy.err;
+events {{ worker_connections 19000; }}
+http {{ access_log off; {self.temp_paths("nginx")} keepalive_requests 1000000;
+  proxy_cache_path {self.tmp}/nginx-cache keys_zone=c:10m;
+  upstream b {{ server 127.0.0.1:{self.backend}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{port}; listen 127.0.0.1:{tls} ssl http2;
+    ssl_certificate {self.tmp}/cert.pem; ssl_certificate_key {self.tmp}/key.pem;
+    client_max_body_size 100m; proxy_request_buffering off; proxy_buffering on;
+    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+    location = /cache {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_cache c; }}
+  }} }}""")
+        p = self.start("nginx", ["nginx", "-c", str(conf)], PROXY_CPU, port)
+        self.ports["nginx"], self.tls_ports["nginx"] = port, tls
+        time.sleep(0.3)
+        self.workers["nginx"] = children(p.proc.pid)[0] if children(p.proc.pid) else p.proc.pid
+
+        # HAProxy
+        port, tls = free_port(), free_port()
+        conf = self.tmp / "haproxy.cfg"
+        conf.write_text(f"""
+global
+  nbthread 1
+  maxconn 9990
+  tune.ssl.default-dh-param 2048
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+cache c
+  total-max-size 16
+  max-age 600
+frontend f
+  bind 127.0.0.1:{port}
+  bind 127.0.0.1:{tls} ssl crt {self.tmp}/both.pem alpn h2,http/1.1
+  use_backend cached if {{ path /cache }}
+  default_backend b
+backend b
+  server s1 127.0.0.1:{self.backend}
+backend cached
+  http-request cache-use c
+  http-response cache-store c
+  server s1 127.0.0.1:{self.backend}
+""")
+        p = self.start("haproxy", ["haproxy", "-f", str(conf)], PROXY_CPU, port)
+        self.ports["haproxy"], self.tls_ports["haproxy"] = port, tls
+        self.workers["haproxy"] = p.proc.pid
+
+        # Bastion
+        port = free_port()
+        env = dict(os.environ, BASTION_LISTEN=f"127.0.0.1:{port}", BASTION_UPSTREAM=f"127.0.0.1:{self.backend}",
+                   BASTION_WORKERS="1")
+        p = self.start("bastion", [str(BASTION), "run", "-c", str(ROOT / "examples" / "bench.yaml")], PROXY_CPU, port,
+                       env=env, cwd=str(self.tmp))
+        self.ports["bastion"] = port
+        deadline = time.monotonic() + 10
+        while not children(p.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.workers["bastion"] = children(p.proc.pid)[0]
+        self.bastion_has_cache = (ROOT / "examples" / "bench-cache.yaml").exists()
+
+    def cleanup(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- load generators ----------------------------------------------------------------------------------
+    def wrk(self, url: str, connections: int = 50, seconds: int = SECONDS, script: str | None = None,
+            pid: int | None = None) -> dict:
+        args = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+        if script:
+            args += ["-s", script]
+        t0 = cpu_ticks(pid) if pid else 0
+        out = subprocess.run(args + [url], capture_output=True, text=True, timeout=seconds + 30).stdout
+        t1 = cpu_ticks(pid) if pid else 0
+        result = {"rps": _wrk_value(out, r"Requests/sec:\s+([\d.]+)"), "p50_ms": _wrk_latency(out, "50%"),
+                  "p99_ms": _wrk_latency(out, "99%"), "errors": _wrk_errors(out)}
+        total = _wrk_value(out, r"(\d+) requests in")
+        if pid and total:
+            result["cpu_us_per_req"] = (t1 - t0) * (1e6 / os.sysconf("SC_CLK_TCK")) / total
+        return result
+
+    def h2load(self, url: str) -> dict:
+        args = ["taskset", "-c", LOAD_CPU, "h2load", "-c", "20", "-m", "10", "-D", str(SECONDS), url]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=SECONDS + 30).stdout
+        m = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out)
+        failed = re.search(r"(\d+) failed", out)
+        return {"rps": float(m.group(1)) if m else None, "errors": int(failed.group(1)) if failed else None}
+
+    def curl_speed(self, args: list[str]) -> float | None:
+        out = subprocess.run(["taskset", "-c", LOAD_CPU, "curl", "-s", "-o", "/dev/null", *args], capture_output=True,
+                             text=True, timeout=120).stdout
+        try:
+            return float(out.strip()) / 1e6
+        except ValueError:
+            return None
+
+    def idle_rss(self, name: str, n: int = 10000) -> dict:
+        pid = self.workers[name]
+        script = ROOT / "bench" / "idle_connections.py"
+        out = subprocess.run(["taskset", "-c", LOAD_CPU, str(PYTHON), str(script), str(self.ports[name]), str(pid), str(n)],
+                             capture_output=True, text=True, timeout=180)
+        try:
+            return json.loads(out.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return {"error": (out.stderr or out.stdout)[-500:]}
+
+
+def _wrk_value(out: str, pattern: str):
+    m = re.search(pattern, out)
+    return float(m.group(1)) if m else None
+
+
+def _wrk_latency(out: str, pct: str):
+    m = re.search(rf"^\s+{re.escape(pct)}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    if not m:
+        return None
+    value = float(m.group(1))
+    return {"us": value / 1000, "ms": value, "s": value * 1000}[m.group(2)]
+
+
+def _wrk_errors(out: str) -> int:
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = sum(int(x) for x in m.groups()) if m else 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return errors + (int(m.group(1)) if m else 0)
+
+
+def median_spread(values: list) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def fmt(stat: dict | None, digits: int = 0) -> str:
+    if stat is None:
+        return "n/a"
+    if stat["min"] == stat["max"]:
+        return f"{stat['median']:.{digits}f}"
+    return f"{stat['median']:.{digits}f} ({stat['min']:.{digits}f}–{stat['max']:.{digits}f})"
+
+
+def ratio(a: dict | None, b: dict | None, invert: bool = False) -> str:
+    if not a or not b or not b["median"] or not a["median"]:
+        return "n/a"
+    r = b["median"] / a["median"] if invert else a["median"] / b["median"]
+    return f"{r:.2f}×"
+
+
+def main() -> int:
+    bench = Bench()
+    results: dict = {"scenarios": {}}
+    try:
+        print(f"Setting up (temporary files in {bench.tmp}) ...", flush=True)
+        bench.setup()
+        print(f"Pinning: proxies on CPU {PROXY_CPU}; wrk, h2load, curl and the backend on CPU {LOAD_CPU}. "
+              f"{RUNS} interleaved run(s) of {SECONDS} s per figure.\n", flush=True)
+        sc = results["scenarios"]
+
+        def per_proxy(fn, names=PROXIES):
+            runs = {n: [] for n in names}
+            for _ in range(RUNS):
+                for n in names:
+                    runs[n].append(fn(n))
+            return runs
+
+        # 1. pass-through, keep-alive, 50 connections
+        print("1. 1 KiB pass-through, 50 keep-alive connections ...", flush=True)
+        for n in PROXIES:  # warm up pools and caches
+            bench.wrk(f"http://127.0.0.1:{bench.ports[n]}/1k", seconds=1)
+        runs = per_proxy(lambda n: bench.wrk(f"http://127.0.0.1:{bench.ports[n]}/1k", pid=bench.workers[n]))
+        direct = [bench.wrk(f"http://127.0.0.1:{bench.backend}/1k") for _ in range(RUNS)]
+        sc["passthrough"] = {n: {k: median_spread([r[k] for r in runs[n]]) for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req")}
+                             | {"errors": sum(r["errors"] for r in runs[n])} for n in PROXIES}
+        sc["passthrough"]["direct"] = {k: median_spread([r[k] for r in direct]) for k in ("rps", "p50_ms", "p99_ms")}
+
+        # 2. added latency at a fixed moderate rate (half of nginx's maximum)
+        rate = sc["passthrough"]["nginx"]["rps"]["median"] / 2
+        connections = 50
+        delay_ms = connections / rate * 1000
+        script = bench.tmp / "paced.lua"
+        script.write_text(f"function delay() return {delay_ms:.3f} end\n")
+        print(f"2. added latency at ~{rate:.0f} req/s ({connections} connections, {delay_ms:.2f} ms between requests each) ...", flush=True)
+        runs = per_proxy(lambda n: bench.wrk(f"http://127.0.0.1:{bench.ports[n]}/1k", connections, script=str(script)))
+        direct = [bench.wrk(f"http://127.0.0.1:{bench.backend}/1k", connections, script=str(script)) for _ in range(RUNS)]
+        d50 = statistics.median([r["p50_ms"] for r in direct])
+        d99 = statistics.median([r["p99_ms"] for r in direct])
+        sc["added_latency"] = {"rate": rate, "direct_p50_ms": d50, "direct_p99_ms": d99}
+        for n in PROXIES:
+            sc["added_latency"][n] = {"p50_ms": median_spread([r["p50_ms"] - d50 for r in runs[n]]),
+                                      "p99_ms": median_spread([r["p99_ms"] - d99 for r in runs[n]]),
+                                      "rps": median_spread([r["rps"] for r in runs[n]])}
+
+        # 3. cache hits
+        print("3. cache hits ...", flush=True)
+        names = [n for n in PROXIES if n != "bastion" or bench.bastion_has_cache]
+        runs = per_proxy(lambda n: bench.wrk(f"http://127.0.0.1:{bench.ports[n]}/cache", pid=bench.workers[n]), names)
+        sc["cache_hits"] = {n: {"rps": median_spread([r["rps"] for r in runs[n]]) if n in runs else None} for n in PROXIES}
+
+        # 4. 64 MiB download and upload
+        print("4. 64 MiB download and upload ...", flush=True)
+        runs = per_proxy(lambda n: bench.curl_speed(["-w", "%{speed_download}", f"http://127.0.0.1:{bench.ports[n]}/64m"]))
+        sc["download_64m_MBps"] = {n: median_spread(runs[n]) for n in PROXIES}
+        runs = per_proxy(lambda n: bench.curl_speed(["-w", "%{speed_upload}", "-X", "POST", "-T", str(bench.upload_file),
+                                                      f"http://127.0.0.1:{bench.ports[n]}/upload"]))
+        sc["upload_64m_MBps"] = {n: median_spread(runs[n]) for n in PROXIES}
+
+        # 5. idle keep-alive connections
+        print("5. 10,000 idle keep-alive connections ...", flush=True)
+        # HAProxy reserves two descriptors per connection and this machine caps a process at 20,000, so
+        # it gets 9,900 connections; the figure compared is per connection.
+        sc["idle_rss"] = {n: bench.idle_rss(n, 9900 if n == "haproxy" else 10000) for n in PROXIES}
+
+        # 6. HTTPS keep-alive
+        print("6. HTTPS keep-alive ...", flush=True)
+        names = [n for n in PROXIES if n in bench.tls_ports]
+        runs = per_proxy(lambda n: bench.wrk(f"https://127.0.0.1:{bench.tls_ports[n]}/1k", pid=bench.workers[n]), names)
+        sc["https"] = {n: {"rps": median_spread([r["rps"] for r in runs[n]]) if n in runs else None} for n in PROXIES}
+
+        # 7. HTTP/2
+        print("7. HTTP/2 (h2load, TLS) ...", flush=True)
+        runs = per_proxy(lambda n: bench.h2load(f"https://127.0.0.1:{bench.tls_ports[n]}/1k"), names)
+        sc["http2"] = {n: {"rps": median_spread([r["rps"] for r in runs[n]]) if n in runs else None} for n in PROXIES}
+
+        # 8. WAF
+        sc["waf"] = {n: None for n in PROXIES}
+    finally:
+        bench.cleanup()
+
+    report(results)
+    results["machine"] = machine()
+    results["versions"] = versions()
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(exist_ok=True)
+    path = out_dir / time.strftime("%Y%m%d-%H%M%S.json")
+    path.write_text(json.dumps(results, indent=2))
+    print(f"\nResults written to {path.relative_to(ROOT)}")
+    return 0
+
+
+def report(results: dict) -> None:
+    sc = results["scenarios"]
+    rows = []
+
+    def row(label, key, stats, digits=0, lower_is_better=False):
+        b, n, h = stats.get("bastion"), stats.get("nginx"), stats.get("haproxy")
+        rows.append((label, fmt(b, digits), fmt(n, digits), fmt(h, digits),
+                     ratio(b, n, invert=lower_is_better), ratio(b, h, invert=lower_is_better)))
+
+    p = sc["passthrough"]
+    row("1 KiB pass-through req/s", "rps", {k: p[k]["rps"] for k in PROXIES})
+    row("  p50 latency (ms)", "p50", {k: p[k]["p50_ms"] for k in PROXIES}, 2, True)
+    row("  p99 latency (ms)", "p99", {k: p[k]["p99_ms"] for k in PROXIES}, 2, True)
+    row("  proxy CPU per request (µs)", "cpu", {k: p[k]["cpu_us_per_req"] for k in PROXIES}, 1, True)
+    a = sc["added_latency"]
+    row(f"added p50 at {a['rate']:.0f} req/s (ms)", "", {k: a[k]["p50_ms"] for k in PROXIES}, 3, True)
+    row(f"added p99 at {a['rate']:.0f} req/s (ms)", "", {k: a[k]["p99_ms"] for k in PROXIES}, 3, True)
+    row("cache hits req/s", "", {k: sc["cache_hits"][k]["rps"] for k in PROXIES})
+    row("64 MiB download MB/s", "", sc["download_64m_MBps"])
+    row("64 MiB upload MB/s", "", sc["upload_64m_MBps"])
+    idle = {k: ({"median": v["bytes_per_connection"], "min": v["bytes_per_connection"], "max": v["bytes_per_connection"]}
+                if "bytes_per_connection" in v else None) for k, v in sc["idle_rss"].items()}
+    row("idle keep-alive: RSS bytes/connection", "", idle, 0, True)
+    row("HTTPS keep-alive req/s", "", {k: sc["https"][k]["rps"] for k in PROXIES})
+    row("HTTP/2 (h2load) req/s", "", {k: sc["http2"][k]["rps"] for k in PROXIES})
+    row("WAF on, req/s", "", sc["waf"])
+    header = ("scenario", "Bastion", "nginx", "HAProxy", "Bastion/nginx", "Bastion/HAProxy")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(6)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    print("\n" + line + "\n" + "-" * len(line))
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    errors = {k: p[k]["errors"] for k in PROXIES}
+    print(f"\nwrk errors in pass-through runs: {errors}. Direct to backend: {fmt(p['direct']['rps'])} req/s.")
+    print("Ratios: higher is better for Bastion (for latency, CPU and memory they are inverted, peer/Bastion).")
+    print("Spread: (min–max) over the interleaved runs.")
+
+
+def machine() -> dict:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(), "python": platform.python_version()}
+
+
+def versions() -> dict:
+    def first_line(args):
+        try:
+            r = subprocess.run(args, capture_output=True, text=True, timeout=10)
+            return (r.stdout or r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return None
+
+    return {"bastion": first_line([str(BASTION), "version"]), "nginx": first_line(["nginx", "-v"]),
+            "haproxy": first_line(["haproxy", "-v"]), "wrk": first_line(["wrk", "-v"]),
+            "h2load": first_line(["h2load", "--version"])}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
