@@ -44,8 +44,34 @@ class ForwardingHeaders:
         if not preserve_host:
             managed.add(_HOST)
         self.managed = frozenset(managed)
+        # x_forwarded on, Forwarded off, Host kept: the shape of most deployments, served by a fast path.
+        self.simple = x_forwarded and not forwarded and preserve_host
+        self._fixed: dict[str, dict[str, tuple]] = {"http": {}, "https": {}}
+
+    def _fixed_for(self, client_ip: str, scheme: str) -> tuple:
+        fixed = [(b"X-Forwarded-For", client_ip.encode()), (b"X-Forwarded-Proto", scheme.encode())]
+        if self.via:
+            fixed.append((b"Via", self.via))
+        result = tuple(fixed)
+        cache = self._fixed[scheme]
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[client_ip] = result
+        return result
 
     def upstream_request_filter(self, ex) -> None:
+        if self.simple and not ex.via_proxy:
+            # The common case: a direct client. Its fixed header lines are built once per address.
+            fixed = self._fixed[ex.scheme].get(ex.client_ip)
+            if fixed is None:
+                fixed = self._fixed_for(ex.client_ip, ex.scheme)
+            headers = ex.headers
+            headers += fixed
+            if ex.host_header:
+                headers.append((b"X-Forwarded-Host", ex.host_header))
+            if self.request_id_header is not None and ex.incoming_request_id is None:
+                headers.append((self.request_id_header, ex.request_id_bytes))
+            return
         if ex.via_proxy or not self.preserve_host:
             # Only requests that came through another proxy carry headers to take apart.
             kept, xff, xfp, xfh, fwd, via = self._take_incoming(ex)

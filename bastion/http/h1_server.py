@@ -513,9 +513,10 @@ class ClientConnection(asyncio.Protocol):
             if ex.body_chunks is not None and ex.body_buffered < BODY_PREFETCH:
                 ex.waiting_body = True
                 return
-        up = peer.acquire(monotonic()) if peer.idle else None
+        now = monotonic()
+        up = peer.acquire(now) if peer.idle else None
         if up is not None:
-            self._attach(ex, up, True)
+            self._attach(ex, up, True, now)
         else:
             self.loop.create_task(self._connect(ex, peer))
 
@@ -548,16 +549,18 @@ class ClientConnection(asyncio.Protocol):
             return
         self._attach(ex, up, False)
 
-    def _attach(self, ex, up: UpstreamConnection, reused: bool) -> None:
+    def _attach(self, ex, up: UpstreamConnection, reused: bool, now: float = 0.0) -> None:
         self.upstream = up
         up.reused = reused
         up.owner = self
         up.got_bytes = False
         up.head_done = False
         up.head_request = ex.method == b"HEAD"
-        now = monotonic()
+        if not now:
+            now = monotonic()
         ex.upstream_start = now
-        up.deadline = now + ex.route.read_timeout
+        up.read_timeout = ex.route.read_timeout
+        up.deadline = now + up.read_timeout
         head = ex.upstream_head
         if head is None:
             head = ex.upstream_head = self._build_upstream_head(ex)
@@ -620,8 +623,6 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_head(self, up, status: int, headers, framing: int) -> None:
         ex = self.active
-        now = monotonic()
-        up.deadline = now + ex.route.read_timeout
         ex.status = status
         ex.response_headers_raw = headers
         engine.run_response_filters(ex)
@@ -665,9 +666,6 @@ class ClientConnection(asyncio.Protocol):
             self._sendv((b"%x\r\n" % len(body), body, b"\r\n"))
         else:
             self._send(body)
-        up = self.upstream
-        if up is not None and len(body) > 4096:
-            up.deadline = monotonic() + ex.route.read_timeout
 
     def upstream_complete(self, up, reusable: bool) -> None:
         ex = self.active
@@ -677,17 +675,18 @@ class ClientConnection(asyncio.Protocol):
             self._send(_CHUNK_END)
         self.upstream = None
         self.upstream_ready = False
-        ex.upstream_time = monotonic() - ex.upstream_start
+        now = monotonic()
+        ex.upstream_time = now - ex.upstream_start
         up.detach()
         if reusable and ex.request_complete and up.alive:
-            ex.peer.release(up, monotonic())
+            ex.peer.release(up, now)
         else:
             up.close()
         if not ex.request_complete:
             # The backend answered before the body was in; the rest of it is not worth reading.
             self.close_after = True
             ex.discard_body = True
-        self._end_exchange(ex)
+        self._end_exchange(ex, now)
 
     def upstream_failed(self, up, reason: str) -> None:
         ex = self.active
@@ -785,10 +784,11 @@ class ClientConnection(asyncio.Protocol):
             self.close_after = True
         self._end_exchange(ex)
 
-    def _end_exchange(self, ex) -> None:
+    def _end_exchange(self, ex, now: float = 0.0) -> None:
         self.active = None
         self.resp_started = False
         self.resp_chunked = False
+        ex.end = now or monotonic()
         engine.finish(ex)
         if self.closed:
             return
@@ -808,7 +808,7 @@ class ClientConnection(asyncio.Protocol):
         if self.worker.draining and self.parsing is None:
             self.lingering_close()
             return
-        now = monotonic()
+        now = ex.end
         self.last_active = now
         if self.parsing is None:
             self.deadline = now + self.timeouts.keepalive
@@ -893,7 +893,11 @@ class ClientConnection(asyncio.Protocol):
                 self.reject(408, "client_body_timeout")
             return
         up = self.upstream
-        if up is not None and up.deadline and now >= up.deadline:
+        if up is not None and up.reads != up.seen_reads:
+            # The backend sent something since the last sweep: its read timeout starts again.
+            up.seen_reads = up.reads
+            up.deadline = now + up.read_timeout
+        elif up is not None and up.deadline and now >= up.deadline:
             self.upstream = None
             self.upstream_ready = False
             up.abort()

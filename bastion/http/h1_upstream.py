@@ -40,6 +40,9 @@ class UpstreamConnection(asyncio.Protocol):
         "deadline",
         "tunnel",
         "paused",
+        "reads",
+        "seen_reads",
+        "read_timeout",
     )
 
     def __init__(self, peer):
@@ -61,6 +64,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.tunnel = False
         self.paused = False
+        self.reads = 0  # counted per read; the worker's sweep restarts the read timeout when it moves
+        self.seen_reads = 0
+        self.read_timeout = 60.0
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------
     def connection_made(self, transport):
@@ -104,6 +110,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
+        self.reads += 1
         if self.tunnel:
             owner.tunnel_from_upstream(data)
             return

@@ -53,7 +53,7 @@ class AccessLog:
 
     def logging(self, ex) -> None:
         wall = time.time()
-        duration = monotonic() - ex.start
+        duration = (ex.end or monotonic()) - ex.start
         if self.format == "json":
             line = self._json_line(ex, wall, duration)
         else:

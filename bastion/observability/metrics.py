@@ -60,7 +60,7 @@ class Metrics:
             counts = self.routes[name] = _RouteCounts()
         status = ex.status // 100
         counts.status[status if 0 < status < 6 else 6] += 1
-        duration = monotonic() - ex.start
+        duration = (ex.end or monotonic()) - ex.start
         counts.buckets[bisect_left(BUCKETS, duration)] += 1
         counts.total += duration
         error = ex.error

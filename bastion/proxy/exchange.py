@@ -94,6 +94,7 @@ class Exchange:
         "waiting_body",
         "upstream_head",
         "via_proxy",
+        "end",
     )
 
     def __init__(self, conn, start: float):
@@ -135,6 +136,7 @@ class Exchange:
         self.waiting_body = False
         self.upstream_head: bytes | None = None
         self.via_proxy = False
+        self.end = 0.0
 
     # -- identity -------------------------------------------------------------------------------------
     @property
