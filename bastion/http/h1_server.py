@@ -555,6 +555,7 @@ class ClientConnection(asyncio.Protocol):
         up.owner = self
         up.got_bytes = False
         up.head_done = False
+        up.head_bytes = 0
         up.head_request = ex.method == b"HEAD"
         if not now:
             now = monotonic()

@@ -17,6 +17,7 @@ FRAMING_CHUNKED = 1  # chunked from the backend
 FRAMING_CLOSE = 2  # body ends when the backend closes
 FRAMING_NONE = 3  # no body (HEAD, 1xx, 204, 304)
 
+MAX_RESPONSE_HEAD = 64 * 1024
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 
 
@@ -42,6 +43,7 @@ class UpstreamConnection(asyncio.Protocol):
         "paused",
         "reads",
         "seen_reads",
+        "head_bytes",
         "read_timeout",
     )
 
@@ -64,6 +66,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.tunnel = False
         self.paused = False
+        self.head_bytes = 0
         self.reads = 0  # counted per read; the worker's sweep restarts the read timeout when it moves
         self.seen_reads = 0
         self.read_timeout = 60.0
@@ -126,6 +129,12 @@ class UpstreamConnection(asyncio.Protocol):
                 self.fail("invalid_response")
         except HttpParserError:
             self.fail("invalid_response")
+        else:
+            if not self.head_done and self.owner is not None:
+                # A backend's response head is bounded, as a client's request head is.
+                self.head_bytes += len(data)
+                if self.head_bytes > MAX_RESPONSE_HEAD:
+                    self.fail("invalid_response")
         finally:
             owner.end_batch(out)
 

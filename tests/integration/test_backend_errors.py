@@ -132,3 +132,15 @@ def test_backend_error_mid_response_cuts_the_client_connection(bastion):
         assert head.startswith(b"HTTP/1.1 200") and len(body) < 1000
     finally:
         truncated.close()
+
+
+def test_endless_backend_head_is_502(bastion):
+    endless = RecordingServer(response=b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"a" * 100_000 + b"\r\n")
+    try:
+        b = bastion({"routes": [{"timeouts": {"upstream_read": 5}, "upstream": {"servers": [endless.address]}}]})
+        started = time.monotonic()
+        status, _, _ = fetch(b.url + "/")
+        assert status == 502 and time.monotonic() - started < 3
+        assert b.wait_access_log(1)[-1]["error"] == "invalid_response"
+    finally:
+        endless.close()

@@ -152,3 +152,23 @@ def test_stale_pooled_connection_is_retried(bastion, backend_factory):
         status, _, body, _ = read_response(s)
         assert status == 200 and json.loads(body)["path"] == f"/echo/again{i}"
     s.close()
+
+
+def test_idle_keepalive_and_slow_header_timeouts(bastion, backend):
+    b = bastion({"timeouts": {"keepalive": 1, "client_header": 1}, "routes": [{"upstream": {"servers": [backend.address]}}]})
+    s = connect(b.port)
+    s.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(s)[0] == 200
+    started = time.monotonic()
+    s.settimeout(5)
+    assert s.recv(100) == b""  # closed by Bastion when idle
+    assert 0.7 < time.monotonic() - started < 3
+    s.close()
+    # a client that sends its head too slowly gets 408 and is disconnected
+    s = connect(b.port)
+    s.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n")
+    s.settimeout(5)
+    started = time.monotonic()
+    data = s.recv(65536)
+    assert data.startswith(b"HTTP/1.1 408") and 0.7 < time.monotonic() - started < 3
+    s.close()
