@@ -63,6 +63,12 @@ class Backend:
         with urllib.request.urlopen(self.url + "/__stats", timeout=5) as r:
             return json.load(r)["connections"]
 
+    def set_health(self, up: bool) -> None:
+        import urllib.request
+
+        req = urllib.request.Request(self.url + ("/__health/up" if up else "/__health/down"), method="POST")
+        urllib.request.urlopen(req, timeout=5).read()
+
     def reset(self) -> None:
         import urllib.request
 

@@ -17,6 +17,7 @@ from bastion.proxy.filters import FilterLoadError, load_filter, phase_methods
 from bastion.proxy.runtime import CompiledRoute, Runtime
 from bastion.routing import matchers
 from bastion.routing.router import Router
+from bastion.upstream.health import assign_health_table
 from bastion.upstream.pool import Peer, UpstreamGroup
 
 
@@ -24,8 +25,9 @@ def _group(name: str, spec: Upstream, hidden: frozenset) -> UpstreamGroup:
     peers = []
     for server in spec.servers:
         host, port = server.host_port
-        peers.append(Peer(host, port, server.weight, spec.keepalive.max_idle, spec.keepalive.idle_timeout, hidden))
-    return UpstreamGroup(name, peers)
+        peers.append(Peer(host, port, server.weight, spec.keepalive.max_idle, spec.keepalive.idle_timeout, hidden,
+                          backup=server.backup, drain=server.drain))
+    return UpstreamGroup(name, peers, spec)
 
 
 def _user_filters(refs, where: str, source: str, problems: list) -> list:
@@ -165,6 +167,8 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         fallback_route=fallback,
     )
     runtime.metrics = metrics
+    runtime.health_table, runtime.checked = assign_health_table(runtime.upstream_groups)
+    metrics.groups = runtime.upstream_groups
     runtime.periodic.append(metrics.flush)
     if access_log is not None:
         runtime.periodic.append(access_log.flush)

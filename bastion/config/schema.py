@@ -118,6 +118,8 @@ class RouteLimits(Section):
 class Server(Section):
     address: str
     weight: int = Field(1, ge=1, le=1000)
+    backup: bool = Field(False, description="only used when no primary server is available")
+    drain: bool = Field(False, description="takes no new requests; in-flight ones finish")
 
     @model_validator(mode="before")
     @classmethod
@@ -147,10 +149,94 @@ class Keepalive(Section):
     idle_timeout: Duration = 60.0
 
 
+class HashOn(Section):
+    source: Literal["client_ip", "header", "cookie", "path"] = "client_ip"
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_name(self):
+        if self.source in ("header", "cookie") and not self.name:
+            raise ValueError(f"hashing on a {self.source} needs its name")
+        return self
+
+
+class ActiveCheck(Section):
+    type: Literal["http", "tcp"] = "http"
+    path: str = "/"
+    method: Literal["GET", "HEAD", "OPTIONS"] = "GET"
+    host: str | None = None
+    expect_status: str = Field("200-399", description="a status, a range 'low-high', or a comma list of them")
+    body_contains: str | None = None
+    interval: Duration = 5.0
+    timeout: Duration = 2.0
+    rise: int = Field(2, ge=1)
+    fall: int = Field(3, ge=1)
+
+    @field_validator("expect_status")
+    @classmethod
+    def _statuses(cls, value: str) -> str:
+        parse_status_set(value)
+        return value
+
+
+class PassiveCheck(Section):
+    consecutive_failures: int = Field(5, ge=0, description="connect failures / resets in a row that eject; 0 = off")
+    consecutive_5xx: int = Field(0, ge=0, description="5xx answers in a row that eject; 0 = off")
+    base_ejection: Duration = 10.0
+    max_ejection: Duration = 300.0
+    max_ejected_percent: int = Field(50, ge=0, le=100)
+
+
+class Health(Section):
+    active: ActiveCheck | None = None
+    passive: PassiveCheck = PassiveCheck()
+    slow_start: Duration = 0.0
+
+
+class Retries(Section):
+    attempts: int = Field(2, ge=1, le=10, description="tries in total, each on a different server when possible")
+    on: list[Literal["connect_failure", "reset", "timeout", "502", "503", "504"]] = ["connect_failure", "reset"]
+    idempotent_only: bool = True
+    budget_percent: int = Field(20, ge=0, le=100, description="retries may add at most this share of requests")
+    budget_min_per_second: int = Field(3, ge=0)
+
+
+class UpstreamLimits(Section):
+    max_connections: int | None = Field(None, ge=1)
+    max_requests: int | None = Field(None, ge=1)
+
+
 class Upstream(Section):
     servers: list[Server] = Field(min_length=1)
-    balance: Literal["round_robin"] = "round_robin"
+    balance: Literal["round_robin", "weighted", "least_conn", "least_time", "p2c", "hash"] = "round_robin"
+    hash_on: HashOn = HashOn()
     keepalive: Keepalive = Keepalive()
+    health: Health = Health()
+    retries: Retries = Retries()
+    limits: UpstreamLimits = UpstreamLimits()
+
+    @model_validator(mode="after")
+    def _one_primary(self):
+        if all(s.backup for s in self.servers):
+            raise ValueError("at least one server must not be a backup")
+        return self
+
+
+def parse_status_set(text: str) -> frozenset[int]:
+    """'200', '200-399', '200,204,300-302' -> the set of statuses."""
+    out: set[int] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        low, sep, high = part.partition("-")
+        try:
+            a = int(low)
+            b = int(high) if sep else a
+        except ValueError:
+            raise ValueError(f"{text!r} is not a status list such as '200-399' or '200,204'") from None
+        if not (100 <= a <= b <= 599):
+            raise ValueError(f"{part!r} is not a status range between 100 and 599")
+        out.update(range(a, b + 1))
+    return frozenset(out)
 
 
 class PathMatch(Section):

@@ -205,6 +205,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self.active
         if ex is not None:
             self.active = None
+            engine.end_attempt(ex)
             if not ex.status:
                 ex.status = 499
                 ex.error = ex.error or "client_closed"
@@ -624,6 +625,21 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_head(self, up, status: int, headers, framing: int) -> None:
         ex = self.active
+        if status >= 502 and ex.attempting and ex.route.upstream.retry_on and str(status) in ex.route.upstream.retry_on:
+            peer = engine.next_peer_for_retry(ex, str(status), sent=True)
+            if peer is not None:
+                # Drop this answer (and its connection: its body will not be read) and try the next peer.
+                self.upstream = None
+                self.upstream_ready = False
+                up.owner = None
+                up.abort()
+                engine.end_attempt(ex)
+                group = ex.route.upstream
+                group.record_success(ex.peer, status, None, monotonic())
+                log.info("retrying %s on %s after status %d", ex.request_id, peer.address, status)
+                engine.begin_attempt(ex, peer, group)
+                self._connect_or_attach(ex, peer)
+                return
         ex.status = status
         ex.response_headers_raw = headers
         engine.run_response_filters(ex)
@@ -679,6 +695,16 @@ class ClientConnection(asyncio.Protocol):
         now = monotonic()
         ex.upstream_time = now - ex.upstream_start
         up.detach()
+        if ex.attempting:
+            ex.attempting = False
+            peer = ex.peer
+            peer.active -= 1
+            group = ex.route.upstream
+            group.active -= 1
+            if group.watch_success:
+                group.record_success(peer, ex.status, ex.upstream_time, now)
+            elif peer.fails:
+                peer.fails = 0
         if reusable and ex.request_complete and up.alive:
             ex.peer.release(up, now)
         else:
@@ -715,9 +741,21 @@ class ClientConnection(asyncio.Protocol):
     def _upstream_error(self, ex, status: int, reason: str) -> None:
         if self.active is not ex or self.closed:
             return
+        now = monotonic()
+        group = ex.route.upstream
+        if ex.attempting:
+            engine.end_attempt(ex)
+            group.record_failure(ex.peer, now)
+            kind = engine.RETRY_KINDS.get(reason)
+            if kind is not None and not self.resp_started:
+                peer = engine.next_peer_for_retry(ex, kind, sent=kind != "connect_failure")
+                if peer is not None:
+                    log.info("retrying %s on %s after %s", ex.request_id, peer.address, reason)
+                    engine.begin_attempt(ex, peer, group)
+                    self._connect_or_attach(ex, peer)
+                    return
         ex.error = reason
-        ex.upstream_time = monotonic() - ex.upstream_start if ex.upstream_start else None
-        self.worker.count_upstream_error(ex, reason)
+        ex.upstream_time = now - ex.upstream_start if ex.upstream_start else None
         if self.resp_started:
             # Part of the response is out: the only honest signal left is to cut the connection.
             if self.out is not None:
@@ -764,6 +802,7 @@ class ClientConnection(asyncio.Protocol):
         self.worker.tunnel_closed(self)
         if ex is not None:
             self.active = None
+            engine.end_attempt(ex)
             engine.finish(ex)
 
     # -- local answers and the end of an exchange ----------------------------------------------------------

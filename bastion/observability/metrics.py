@@ -13,7 +13,7 @@ from time import monotonic
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 UPSTREAM_ERRORS = frozenset(
     {"connect_refused", "connect_error", "connect_timeout", "upstream_reset", "upstream_reset_midway",
-     "upstream_timeout", "invalid_response", "no_server"}
+     "upstream_timeout", "invalid_response", "no_server", "circuit_open"}
 )
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
@@ -35,12 +35,18 @@ class _Prom:
                                       multiprocess_mode="livesum")
         self.open_tunnels = Gauge("bastion_open_tunnels", "Open upgraded (WebSocket) tunnels",
                                   multiprocess_mode="livesum")
+        self.retries = Counter("bastion_upstream_retries", "Requests sent again to another server", ["route"])
+        self.peer_up = Gauge("bastion_upstream_peer_up", "1 when the server takes requests (healthy, not ejected, "
+                             "not draining)", ["upstream", "peer"], multiprocess_mode="livemin")
+        self.ejections = Counter("bastion_upstream_ejections", "Servers taken out by passive health checks",
+                                 ["upstream", "peer"])
 
 
 class _RouteCounts:
-    __slots__ = ("status", "buckets", "total", "errors")
+    __slots__ = ("status", "buckets", "total", "errors", "retries")
 
     def __init__(self):
+        self.retries = 0
         self.status = [0] * 7  # by status // 100
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.total = 0.0
@@ -51,6 +57,8 @@ class Metrics:
     def __init__(self):
         self.routes: dict[str, _RouteCounts] = {}
         self.gauges: dict[str, object] = {}
+        self.groups: list = []
+        self._ejections_seen: dict[int, int] = {}
         self._prom: _Prom | None = None
 
     def logging(self, ex) -> None:
@@ -63,6 +71,8 @@ class Metrics:
         duration = (ex.end or monotonic()) - ex.start
         counts.buckets[bisect_left(BUCKETS, duration)] += 1
         counts.total += duration
+        if ex.retries:
+            counts.retries += ex.retries
         error = ex.error
         if error is not None and error in UPSTREAM_ERRORS:
             counts.errors[error] = counts.errors.get(error, 0) + 1
@@ -82,6 +92,8 @@ class Metrics:
                     prom.requests.labels(route, _STATUS_CLASS.get(status, "other")).inc(n)
             for kind, n in counts.errors.items():
                 prom.upstream_errors.labels(route, kind).inc(n)
+            if counts.retries:
+                prom.retries.labels(route).inc(counts.retries)
             child = prom.duration.labels(route)
             # prometheus_client has no "observe many"; its per-bucket values take increments directly.
             for index, n in enumerate(counts.buckets):
@@ -90,3 +102,11 @@ class Metrics:
             child._sum.inc(counts.total)
         for name, source in self.gauges.items():
             getattr(prom, name).set(source())
+        now = monotonic()
+        for group in self.groups:
+            for peer in group.peers:
+                prom.peer_up.labels(group.name, peer.address).set(1 if peer.usable(now) else 0)
+                seen = self._ejections_seen.get(id(peer), 0)
+                if peer.total_ejections > seen:
+                    prom.ejections.labels(group.name, peer.address).inc(peer.total_ejections - seen)
+                    self._ejections_seen[id(peer)] = peer.total_ejections

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from inspect import isawaitable
+from time import monotonic
 
 from bastion.proxy.errors import error_response
 from bastion.proxy.exchange import Response
@@ -98,12 +99,23 @@ def proceed_to_upstream(conn, ex, route) -> None:
         ex.error = "no_action"
         respond_error(conn, ex, 500)
         return
+    if group.max_requests is not None and group.active >= group.max_requests:
+        # Circuit breaking: beyond the configured concurrency the answer is an immediate 503.
+        ex.error = "circuit_open"
+        respond_error(conn, ex, 503, retry_after=1)
+        return
     peer = group.select(ex)
     if peer is None:
         ex.error = "no_server"
-        respond_error(conn, ex, 503)
+        respond_error(conn, ex, 503, retry_after=retry_after(group))
         return
+    budget = group.budget
+    if budget is not None:
+        budget.requests += 1
     ex.peer = peer
+    peer.active += 1
+    group.active += 1
+    ex.attempting = True
     for f in route.on_upstream_request:
         try:
             f(ex)
@@ -123,13 +135,79 @@ def respond(conn, ex, response: Response) -> None:
     conn.write_local_response(ex, response.body)
 
 
-def respond_error(conn, ex, status: int) -> None:
+def respond_error(conn, ex, status: int, retry_after: int | None = None) -> None:
     accept = None
     for name, value in ex.headers:
         if len(name) == 6 and name.lower() == b"accept":
             accept = value
             break
-    respond(conn, ex, error_response(status, ex.request_id, accept))
+    response = error_response(status, ex.request_id, accept)
+    if retry_after is not None:
+        response.headers.add("Retry-After", str(retry_after))
+    respond(conn, ex, response)
+
+
+# -- upstream attempts and retries ---------------------------------------------------------------------------
+# An attempt is one try of an exchange on one peer; in-flight counts (least_conn, circuit breaking) follow it.
+
+RETRY_KINDS = {
+    "connect_refused": "connect_failure",
+    "connect_error": "connect_failure",
+    "connect_timeout": "connect_failure",
+    "upstream_reset": "reset",
+    "upstream_timeout": "timeout",
+}
+
+
+def begin_attempt(ex, peer, group) -> None:
+    ex.peer = peer
+    peer.active += 1
+    group.active += 1
+    ex.attempting = True
+
+
+def end_attempt(ex) -> None:
+    if ex.attempting:
+        ex.attempting = False
+        ex.peer.active -= 1
+        ex.route.upstream.active -= 1
+
+
+def next_peer_for_retry(ex, kind: str, sent: bool):
+    """The peer to try next after a failure of `kind`, or None. A request that never reached a backend
+    (connect failures) may always be retried; one that may have, only when idempotent (by default)."""
+    group = ex.route.upstream
+    if kind not in group.retry_on:
+        return None
+    tried = ex.tried
+    if tried is None:
+        tried = ex.tried = [ex.peer]
+    if len(tried) >= group.attempts:
+        return None
+    if sent and group.retry_idempotent_only and ex.method not in IDEMPOTENT:
+        return None
+    if not ex.request_complete or (ex.body_sent and not ex.body_chunks):
+        return None  # the body is not all here, or already streamed away: it cannot be sent again
+    peer = group.select(ex, tried)
+    if peer is None:
+        return None
+    if group.budget is not None and not group.budget.allow_retry():
+        ex.error_detail = "retry_budget"
+        return None
+    tried.append(peer)
+    ex.retries += 1
+    return peer
+
+
+def retry_after(group) -> int:
+    """Seconds until a peer may be back: the soonest ejection end, else the health check interval."""
+    now = monotonic()
+    ends = [p.ejected_until - now for p in group.peers if p.ejected_until > now]
+    if ends:
+        return max(1, int(min(ends) + 0.999))
+    if group.active_check is not None:
+        return max(1, int(group.active_check.interval))
+    return 1
 
 
 def run_response_filters(ex) -> None:

@@ -95,6 +95,10 @@ class Exchange:
         "upstream_head",
         "via_proxy",
         "end",
+        "attempting",
+        "tried",
+        "retries",
+        "error_detail",
     )
 
     def __init__(self, conn, start: float):
@@ -137,6 +141,10 @@ class Exchange:
         self.upstream_head: bytes | None = None
         self.via_proxy = False
         self.end = 0.0
+        self.attempting = False
+        self.tried: list | None = None
+        self.retries = 0
+        self.error_detail: str | None = None
 
     # -- identity -------------------------------------------------------------------------------------
     @property

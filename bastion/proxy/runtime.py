@@ -71,8 +71,15 @@ class Runtime:
     fallback_route: CompiledRoute
     periodic: list = field(default_factory=list)
     closers: list = field(default_factory=list)
+    health_table: object = None
+    checked: list = field(default_factory=list)
+    metrics: object = None
 
     def tick(self, now: float) -> None:
+        if self.health_table is not None:
+            from bastion.upstream.health import read_health_table
+
+            read_health_table(self.health_table, self.checked)
         for group in self.upstream_groups:
             group.sweep(now)
         for callback in self.periodic:

@@ -61,6 +61,7 @@ class Master:
         self.admin_socket: socket.socket | None = None
         self.admin_address: str | None = None
         self.workers: dict[int, int] = {}  # pid -> generation
+        self.checkers: dict[int, int] = {}  # health checker pid -> generation
         self.generation = 0
         self.stopping = False
         self.fast = False
@@ -97,6 +98,7 @@ class Master:
         self.generation = 1
         for _ in range(n):
             self._spawn(self.generation)
+        self._spawn_checker(self.generation)
         listening = ", ".join(self.listen_sockets)
         log.info("bastion %s listening on %s with %d worker%s%s", _version(), listening, n, "s" if n != 1 else "",
                  f", admin on {self.admin_address}" if self.admin_address else "")
@@ -174,6 +176,34 @@ class Master:
                 os._exit(code)
         self.workers[pid] = generation
 
+    def _spawn_checker(self, generation: int) -> None:
+        """One active health checker per node and generation, when the configuration asks for checks."""
+        runtime = self.runtime
+        if not runtime.checked:
+            return
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.close(self.wake_r)
+                os.close(self.wake_w)
+                for sock in self.listen_sockets.values():
+                    sock.close()
+                if self.admin_socket is not None:
+                    self.admin_socket.close()
+                from bastion.upstream.health import run_checker
+
+                code = run_checker(runtime)
+            except Exception:  # noqa: BLE001 - reported by the master as an unexpected exit
+                log.exception("health checker failed")
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.checkers[pid] = generation
+
     def _reap(self) -> None:
         while True:
             try:
@@ -182,6 +212,13 @@ class Master:
                 return
             if pid == 0:
                 return
+            if pid in self.checkers:
+                generation = self.checkers.pop(pid)
+                if generation == self.generation and not self.stopping:
+                    log.error("health checker %d exited unexpectedly; starting a new one", pid)
+                    time.sleep(0.5)
+                    self._spawn_checker(self.generation)
+                continue
             generation = self.workers.pop(pid, None)
             if generation is None:
                 continue
@@ -215,6 +252,9 @@ class Master:
             log.error("reload refused; still serving the previous configuration")
             return
         old_runtime = self.runtime
+        from bastion.upstream.health import carry_over
+
+        carry_over(old_runtime, runtime)
         self.runtime = runtime
         try:
             self._open_sockets(runtime.config)
@@ -225,9 +265,11 @@ class Master:
             return
         configure_logging(runtime.config.log)
         old = [pid for pid, gen in self.workers.items() if gen == self.generation]
+        old += [pid for pid, gen in self.checkers.items() if gen == self.generation]
         self.generation += 1
         for _ in range(worker_count(runtime.config)):
             self._spawn(self.generation)
+        self._spawn_checker(self.generation)
         for pid in old:
             _signal(pid, signal.SIGTERM)
         self.respawn_delay = 0.5
@@ -238,7 +280,7 @@ class Master:
             return
         self.stopping = True
         self.fast = self.fast or fast
-        for pid in list(self.workers):
+        for pid in list(self.workers) + list(self.checkers):
             _signal(pid, signal.SIGINT if fast else signal.SIGTERM)
         for sock in self.listen_sockets.values():
             sock.close()
@@ -268,11 +310,11 @@ class Master:
                         self._stop(fast=True)
                         stop_deadline = time.monotonic() + 5
             self._reap()
-            if self.stopping and not self.workers:
+            if self.stopping and not self.workers and not self.checkers:
                 log.info("stopped")
                 return 0
             if stop_deadline is not None and time.monotonic() > stop_deadline:
-                for pid in list(self.workers):
+                for pid in list(self.workers) + list(self.checkers):
                     _signal(pid, signal.SIGKILL)
                 stop_deadline = time.monotonic() + 5
             try:

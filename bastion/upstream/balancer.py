@@ -1,34 +1,184 @@
-"""Balancers: pure choice logic over a list of peers, no I/O."""
+"""Balancers: pure choice logic over the peers that are available right now. No I/O.
+
+Each balancer's `pick(candidates, exchange, now)` gets the available peers (healthy, not ejected, not
+draining; the backups only when no primary is available) and returns one. Peers carry the numbers the
+balancers read: `eff_weight` (weight, ramped during slow start), `active` (requests in flight), `ewma`
+(response time).
+"""
 
 from __future__ import annotations
+
+import hashlib
+import math
+import random
+from bisect import bisect_left
 
 
 class SmoothWeightedRoundRobin:
     """nginx's smooth weighted round robin: with weights 5,1,1 the order is a,a,b,a,c,a,a — spread out,
-    never bursts. With equal weights it degenerates to plain rotation, which takes the fast path."""
-
-    __slots__ = ("peers", "weights", "current", "total", "equal", "index")
+    never bursts. With equal weights it is plain rotation, which takes a fast path."""
 
     def __init__(self, peers: list):
-        self.peers = list(peers)
-        self.weights = [p.weight for p in self.peers]
-        self.current = [0] * len(self.peers)
-        self.total = sum(self.weights)
-        self.equal = len(set(self.weights)) <= 1
+        self.current: dict[int, float] = {id(p): 0.0 for p in peers}
         self.index = -1
 
-    def pick(self):
-        peers = self.peers
-        if not peers:
-            return None
-        if self.equal:
-            self.index = index = (self.index + 1) % len(peers)
-            return peers[index]
+    def pick(self, candidates: list, exchange=None, now: float = 0.0):
+        n = len(candidates)
+        if n == 1:
+            return candidates[0]
+        first = candidates[0].eff_weight
+        for p in candidates:
+            if p.eff_weight != first:
+                break
+        else:
+            self.index = index = (self.index + 1) % n
+            return candidates[index]
         current = self.current
-        best = 0
-        for i, weight in enumerate(self.weights):
-            current[i] += weight
-            if current[i] > current[best]:
-                best = i
-        current[best] -= self.total
-        return peers[best]
+        total = 0.0
+        best = None
+        best_weight = -math.inf
+        for p in candidates:
+            key = id(p)
+            w = current.get(key, 0.0) + p.eff_weight
+            current[key] = w
+            total += p.eff_weight
+            if w > best_weight:
+                best, best_weight = p, w
+        current[id(best)] -= total
+        return best
+
+
+class LeastConnections:
+    """Fewest requests in flight relative to weight; ties are broken by rotation so that equally idle
+    peers share the load."""
+
+    def __init__(self, peers: list):
+        self.index = 0
+
+    def pick(self, candidates: list, exchange=None, now: float = 0.0):
+        self.index += 1
+        n = len(candidates)
+        best = None
+        best_load = math.inf
+        for i in range(n):
+            p = candidates[(self.index + i) % n]
+            load = p.active / p.eff_weight
+            if load < best_load:
+                best, best_load = p, load
+        return best
+
+
+class LeastTime:
+    """Peak-EWMA response time times (requests in flight + 1): a slow peer gets less, and a peer whose
+    latency jumps is penalised at once (the "peak"), recovering as the average decays (Finagle, Linkerd)."""
+
+    def __init__(self, peers: list):
+        self.index = 0
+
+    def pick(self, candidates: list, exchange=None, now: float = 0.0):
+        self.index += 1
+        n = len(candidates)
+        best = None
+        best_cost = math.inf
+        for i in range(n):
+            p = candidates[(self.index + i) % n]
+            cost = p.ewma * (p.active + 1) / p.eff_weight
+            if cost < best_cost:
+                best, best_cost = p, cost
+        return best
+
+
+class PowerOfTwoChoices:
+    """Two peers at random, the less loaded wins: nearly as good as least connections, and no herd
+    when many balancers (workers, nodes) see the same numbers."""
+
+    def __init__(self, peers: list, rng: random.Random | None = None):
+        self.rng = rng or random.Random()
+
+    def pick(self, candidates: list, exchange=None, now: float = 0.0):
+        n = len(candidates)
+        if n == 1:
+            return candidates[0]
+        a, b = self.rng.sample(candidates, 2)
+        return a if a.active / a.eff_weight <= b.active / b.eff_weight else b
+
+
+def ring_hash(data: bytes) -> int:
+    # A stable hash: every worker and every node must map a key to the same peer (Python's hash() is
+    # randomised per process).
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+class ConsistentHash:
+    """A hash ring with 160 points per unit of weight. A key goes to the first available peer clockwise
+    from its hash, so removing one of N peers moves only the keys that peer had (about 1/N)."""
+
+    POINTS = 160
+
+    def __init__(self, peers: list, key_of=None):
+        ring = []
+        for p in peers:
+            for i in range(self.POINTS * p.weight):
+                ring.append((ring_hash(b"%s#%d" % (p.address.encode(), i)), p))
+        ring.sort(key=lambda item: item[0])
+        self.hashes = [h for h, _ in ring]
+        self.peers = [p for _, p in ring]
+        self.key_of = key_of or (lambda exchange: exchange.client_ip.encode())
+
+    def pick(self, candidates: list, exchange=None, now: float = 0.0):
+        if len(candidates) == 1:
+            return candidates[0]
+        return self.pick_key(self.key_of(exchange), candidates)
+
+    def pick_key(self, key: bytes, candidates: list):
+        allowed = set(map(id, candidates))
+        start = bisect_left(self.hashes, ring_hash(key))
+        size = len(self.peers)
+        for i in range(size):
+            p = self.peers[(start + i) % size]
+            if id(p) in allowed:
+                return p
+        return candidates[0]
+
+
+def hash_key_function(source: str, name: str | None):
+    """How the `hash` balancer finds a request's key."""
+    if source == "client_ip":
+        return lambda ex: ex.client_ip.encode()
+    if source == "path":
+        return lambda ex: ex.path
+    lname = (name or "").lower().encode()
+    if source == "header":
+        def header_key(ex):
+            for n, v in ex.headers:
+                if n.lower() == lname:
+                    return v
+            return ex.client_ip.encode()
+
+        return header_key
+
+    def cookie_key(ex):
+        for n, v in ex.headers:
+            if n.lower() == b"cookie":
+                for part in v.split(b";"):
+                    k, _, val = part.strip().partition(b"=")
+                    if k.lower() == lname:
+                        return val
+        return ex.client_ip.encode()
+
+    return cookie_key
+
+
+def make_balancer(kind: str, peers: list, hash_on=None):
+    if kind in ("round_robin", "weighted"):
+        return SmoothWeightedRoundRobin(peers)
+    if kind == "least_conn":
+        return LeastConnections(peers)
+    if kind == "least_time":
+        return LeastTime(peers)
+    if kind == "p2c":
+        return PowerOfTwoChoices(peers)
+    if kind == "hash":
+        key_of = hash_key_function(hash_on.source, hash_on.name) if hash_on is not None else None
+        return ConsistentHash(peers, key_of)
+    raise ValueError(f"unknown balancer {kind!r}")

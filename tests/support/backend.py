@@ -11,6 +11,7 @@
 /ws                               WebSocket echo (text and binary)
 /close                            answers, then closes the connection
 /__stats, /__reset                request count (not counting these two), reset
+/__health                         200, or 503 after POST /__health/down (POST /__health/up to recover)
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ PATTERN = b"0123456789abcdef" * 4096  # 64 KiB
 
 
 def make_app(name: str) -> web.Application:
-    state = {"requests": 0, "connections": set()}
+    state = {"requests": 0, "connections": set(), "healthy": True}
 
     @web.middleware
     async def count(request, handler):
-        if request.path not in ("/__stats", "/__reset"):
+        if request.path not in ("/__stats", "/__reset", "/__health", "/__health/up", "/__health/down"):
             state["requests"] += 1
             peer = request.transport.get_extra_info("peername") if request.transport else None
             if peer:
@@ -114,6 +115,15 @@ def make_app(name: str) -> web.Application:
     async def stats(request):
         return web.json_response({"requests": state["requests"], "connections": len(state["connections"])})
 
+    async def health(request):
+        if state["healthy"]:
+            return web.Response(text=f"healthy {name}\n")
+        return web.Response(status=503, text="unhealthy\n")
+
+    async def set_health(request):
+        state["healthy"] = request.match_info["state"] == "up"
+        return web.Response(text="ok\n")
+
     async def reset(request):
         state["requests"] = 0
         state["connections"].clear()
@@ -121,6 +131,8 @@ def make_app(name: str) -> web.Application:
 
     app = web.Application(middlewares=[count], client_max_size=1 << 40)
     app.router.add_get("/__stats", stats)
+    app.router.add_get("/__health", health)
+    app.router.add_post("/__health/{state}", set_health)
     app.router.add_route("*", "/__reset", reset)
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_get("/delay/{seconds}", delay)
