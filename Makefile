@@ -20,10 +20,12 @@ run: venv
 	./examples/run-demo.sh
 
 # Everything the tests need that is not a Python package: installed when missing.
-TEST_APT := curl
+# dnsmasq's package starts a system DNS service: the tests run their own, so that one is stopped.
+TEST_APT := curl dnsmasq
 test-deps: venv
 	@missing=""; for p in $(TEST_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  (systemctl stop dnsmasq || service dnsmasq stop || true) >/dev/null 2>&1; fi
 
 test: test-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -47,12 +47,25 @@ def _cmd_check(args) -> int:
     print("routes (in match order):")
     for route in runtime.router.routes:
         if route.upstream is not None:
-            action = "-> " + ", ".join(f"{p.address} (weight {p.weight})" for p in route.upstream.peers)
+            group = route.upstream
+            targets = [f"{p.address} (weight {p.weight}{', backup' if p.backup else ''})" for p in group.peers]
+            targets += [_describe_source(s) for s in group.sources]
+            action = f"-> [{group.balance}] " + ", ".join(targets)
         else:
             spec = config.routes[route.index]
             action = f"redirect {spec.redirect.status} {spec.redirect.to}" if spec.redirect else f"respond {spec.respond.status}"
         print(f"  {route.name}: {route.description} {action}")
     return 0
+
+
+def _describe_source(source) -> str:
+    from bastion.upstream.discovery import FileSource, SrvSource
+
+    if isinstance(source, FileSource):
+        return f"servers from {source.path}"
+    if isinstance(source, SrvSource):
+        return f"DNS SRV {source.name}"
+    return f"DNS {source.name}:{source.port}"
 
 
 def _cmd_reload(args) -> int:

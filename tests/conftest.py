@@ -23,13 +23,13 @@ BASTION = str(Path(sys.executable).parent / "bastion")
 BACKEND = str(ROOT / "tests" / "support" / "backend.py")
 
 
-def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None, host: str = "127.0.0.1") -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             return False
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=0.2):
                 return True
         except OSError:
             time.sleep(0.05)
@@ -37,17 +37,18 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -
 
 
 class Backend:
-    def __init__(self, name: str = "backend"):
+    def __init__(self, name: str = "backend", host: str = "127.0.0.1", port: int | None = None):
         self.name = name
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.host = host
+        self.port = port or free_port()
+        self.address = f"{host}:{self.port}"
         self.url = f"http://{self.address}"
         self.proc = subprocess.Popen(
-            [sys.executable, BACKEND, "--port", str(self.port), "--name", name],
+            [sys.executable, BACKEND, "--port", str(self.port), "--name", name, "--host", host],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         line = self.proc.stdout.readline()
-        if "ready" not in line or not wait_port(self.port, 10, self.proc):
+        if "ready" not in line or not wait_port(self.port, 10, self.proc, host):
             self.stop()
             raise RuntimeError(f"test backend {name} did not start")
 
@@ -94,14 +95,55 @@ def backend():
 def backend_factory():
     made = []
 
-    def make(name: str = "backend") -> Backend:
-        b = Backend(name)
+    def make(name: str = "backend", host: str = "127.0.0.1", port: int | None = None) -> Backend:
+        b = Backend(name, host, port)
         made.append(b)
         return b
 
     yield make
     for b in made:
         b.stop()
+
+
+class Dnsmasq:
+    """A real DNS server (Debian's dnsmasq) on a loopback port, answering from a hosts file the test
+    rewrites (SIGHUP makes it re-read the file) and from fixed SRV records."""
+
+    def __init__(self, tmp: Path, srv: list[str] = ()):
+        self.port = free_port()
+        self.hosts = tmp / "dns-hosts"
+        self.hosts.write_text("")
+        args = ["dnsmasq", "--no-daemon", f"--port={self.port}", "--listen-address=127.0.0.1", "--bind-interfaces",
+                "--no-resolv", "--no-hosts", f"--addn-hosts={self.hosts}", "--log-facility=-", f"--pid-file={tmp}/dnsmasq.pid"]
+        args += [f"--srv-host={record}" for record in srv]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.address = f"127.0.0.1:{self.port}"
+        time.sleep(0.3)
+        if self.proc.poll() is not None:
+            raise RuntimeError("dnsmasq did not start (is it installed? make test installs it)")
+
+    def set_hosts(self, lines: list[str]) -> None:
+        self.hosts.write_text("\n".join(lines) + "\n")
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def dnsmasq_factory(tmp_path):
+    made = []
+
+    def make(srv: list[str] = ()) -> Dnsmasq:
+        d = Dnsmasq(tmp_path, srv)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.stop()
 
 
 @pytest.fixture

@@ -17,17 +17,35 @@ from bastion.proxy.filters import FilterLoadError, load_filter, phase_methods
 from bastion.proxy.runtime import CompiledRoute, Runtime
 from bastion.routing import matchers
 from bastion.routing.router import Router
+from bastion.upstream.discovery import FileSource, NameSource, SrvSource, Target, is_ip
 from bastion.upstream.health import assign_health_table
 from bastion.upstream.pool import Peer, UpstreamGroup
 
 
 def _group(name: str, spec: Upstream, hidden: frozenset) -> UpstreamGroup:
+    def new_peer(t) -> Peer:
+        peer = Peer(t.host, t.port, t.weight, spec.keepalive.max_idle, spec.keepalive.idle_timeout, hidden,
+                    backup=t.backup, drain=t.drain)
+        peer.region, peer.zone = t.region, t.zone
+        return peer
+
     peers = []
+    sources: list = []
     for server in spec.servers:
+        if server.srv is not None:
+            sources.append(SrvSource(server.srv, server.backup, server.drain, server.region, server.zone))
+            continue
         host, port = server.host_port
-        peers.append(Peer(host, port, server.weight, spec.keepalive.max_idle, spec.keepalive.idle_timeout, hidden,
-                          backup=server.backup, drain=server.drain))
-    return UpstreamGroup(name, peers, spec)
+        if host == "localhost":
+            host = "127.0.0.1"
+        if is_ip(host):
+            peers.append(new_peer(Target(host, port, server.weight, server.backup, server.drain, server.region,
+                                         server.zone)))
+        else:
+            sources.append(NameSource(host, port, server.weight, server.backup, server.drain, server.region, server.zone))
+    if spec.servers_file:
+        sources.append(FileSource(spec.servers_file))
+    return UpstreamGroup(name, peers, spec, sources, new_peer)
 
 
 def _user_filters(refs, where: str, source: str, problems: list) -> list:

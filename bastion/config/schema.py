@@ -116,10 +116,19 @@ class RouteLimits(Section):
 
 
 class Server(Section):
-    address: str
+    address: str | None = Field(None, description="host:port; a DNS name is re-resolved as its TTL says")
+    srv: str | None = Field(None, description="a DNS SRV name whose records give hosts, ports and weights")
     weight: int = Field(1, ge=1, le=1000)
     backup: bool = Field(False, description="only used when no primary server is available")
     drain: bool = Field(False, description="takes no new requests; in-flight ones finish")
+    region: str | None = None
+    zone: str | None = None
+
+    @model_validator(mode="after")
+    def _address_or_srv(self):
+        if (self.address is None) == (self.srv is None):
+            raise ValueError("give exactly one of address, srv")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -130,7 +139,9 @@ class Server(Section):
 
     @field_validator("address")
     @classmethod
-    def _check_address(cls, value: str) -> str:
+    def _check_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         text = value.strip()
         if text.startswith("http://"):
             text = text[len("http://") :].rstrip("/")
@@ -207,7 +218,8 @@ class UpstreamLimits(Section):
 
 
 class Upstream(Section):
-    servers: list[Server] = Field(min_length=1)
+    servers: list[Server] = []
+    servers_file: str | None = Field(None, description="a file listing servers, re-read when it changes")
     balance: Literal["round_robin", "weighted", "least_conn", "least_time", "p2c", "hash"] = "round_robin"
     hash_on: HashOn = HashOn()
     keepalive: Keepalive = Keepalive()
@@ -217,7 +229,9 @@ class Upstream(Section):
 
     @model_validator(mode="after")
     def _one_primary(self):
-        if all(s.backup for s in self.servers):
+        if not self.servers and not self.servers_file:
+            raise ValueError("give servers, servers_file, or both")
+        if self.servers and not self.servers_file and all(s.backup for s in self.servers):
             raise ValueError("at least one server must not be a backup")
         return self
 
@@ -418,6 +432,14 @@ class Route(Section):
         return self
 
 
+class Resolver(Section):
+    address: str | None = Field(None, description="DNS server host:port; default: the system resolver")
+    timeout: Duration = 2.0
+    min_ttl: Duration = 1.0
+    max_ttl: Duration = 300.0
+    refresh: Duration = Field(30.0, description="re-resolution period when the system resolver gives no TTL")
+
+
 class ProxySettings(Section):
     preserve_host: bool = Field(True, description="send the client's Host to the backend")
     x_forwarded: bool = True
@@ -440,6 +462,7 @@ class Config(Section):
     log: Log = Log()
     trusted_proxies: list[IPNetwork] = []
     proxy: ProxySettings = ProxySettings()
+    resolver: Resolver = Resolver()
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     upstreams: dict[str, Upstream] = {}

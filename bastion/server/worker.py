@@ -111,6 +111,11 @@ class Worker:
         if metrics is not None:
             metrics.set_gauge("open_connections", lambda: len(self.connections))
             metrics.set_gauge("open_tunnels", lambda: self.tunnels)
+        from bastion.upstream.discovery import Discovery
+
+        # Discovered servers are looked up before the first request is accepted.
+        discovery = Discovery(runtime)
+        await discovery.start()
         for sock in self.listen_sockets:
             server = await loop.create_server(lambda: ClientConnection(self, runtime), sock=sock, backlog=4096)
             self.servers.append(server)
@@ -124,6 +129,7 @@ class Worker:
             await self.stopped
         finally:
             sweeper.cancel()
+            discovery.stop()
             for conn in list(self.connections):
                 if conn.transport is not None:
                     conn.transport.abort()

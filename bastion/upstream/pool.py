@@ -32,6 +32,7 @@ class Peer:
         "host", "port", "address", "address_bytes", "weight", "eff_weight", "max_idle", "idle_timeout", "idle",
         "connections", "response_special", "backup", "drain", "index", "active_ok", "ejected_until", "ejections",
         "fails", "fives", "last_failure", "up_since", "ramp_until", "active", "ewma", "ewma_at", "total_ejections",
+        "region", "zone",
     )
 
     def __init__(self, host: str, port: int, weight: int, max_idle: int, idle_timeout: float,
@@ -56,6 +57,8 @@ class Peer:
         self.ejected_until = 0.0
         self.ejections = 0
         self.total_ejections = 0
+        self.region: str | None = None
+        self.zone: str | None = None
         self.fails = 0
         self.fives = 0
         self.last_failure = 0.0
@@ -151,13 +154,16 @@ class UpstreamGroup:
     """A named set of peers, the balancer that picks among the available ones, their health rules and
     the retry policy."""
 
-    def __init__(self, name: str, peers: list[Peer], spec=None):
+    def __init__(self, name: str, peers: list[Peer], spec=None, sources: list | None = None, new_peer=None):
         self.name = name
-        self.peers = peers
-        self.primaries = [p for p in peers if not p.backup]
-        self.backups = [p for p in peers if p.backup]
+        self.spec = spec
+        self.static = list(peers)
+        self.dynamic: list[Peer] = []
+        self.sources = sources or []  # discovery sources (DNS names, SRV, servers file)
+        self.new_peer = new_peer  # makes a Peer for a discovered target
         balance = spec.balance if spec is not None else "round_robin"
-        self.balancer = make_balancer(balance, peers, spec.hash_on if spec is not None else None)
+        self.balance = balance
+        self._set_peers(self.static)
         self.tracks_time = balance == "least_time"
         health = spec.health if spec is not None else None
         self.passive = health.passive if health is not None else None
@@ -174,8 +180,35 @@ class UpstreamGroup:
         self.max_requests = limits.max_requests if limits is not None else None
         self.max_connections = limits.max_connections if limits is not None else None
         self.active = 0  # requests in flight to this group, for circuit breaking
-        self.available: list[Peer] = []
         self._refreshed = False
+        self.refresh(monotonic())
+
+    def _set_peers(self, peers: list[Peer]) -> None:
+        self.peers = peers
+        self.primaries = [p for p in peers if not p.backup]
+        self.backups = [p for p in peers if p.backup]
+        spec = self.spec
+        self.balancer = make_balancer(self.balance, peers, spec.hash_on if spec is not None else None)
+        self.available: list[Peer] = []
+
+    def replace_dynamic(self, targets: list) -> None:
+        """Apply discovered servers: keep the peers that stay (and their pooled connections), add new
+        ones, and let removed ones finish what they have in flight."""
+        current = {(p.host, p.port): p for p in self.dynamic}
+        fresh = []
+        for t in targets:
+            peer = current.pop((t.host, t.port), None)
+            if peer is None:
+                peer = self.new_peer(t)
+            else:
+                peer.weight, peer.backup, peer.drain = t.weight, t.backup, t.drain
+            if peer not in fresh:
+                fresh.append(peer)
+        for gone in current.values():
+            gone.drain = True
+            gone.close_idle()
+        self.dynamic = fresh
+        self._set_peers(self.static + fresh)
         self.refresh(monotonic())
 
     # -- choosing -----------------------------------------------------------------------------------------

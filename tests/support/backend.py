@@ -150,12 +150,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", default="backend")
+    parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args()
 
     async def serve():
         runner = web.AppRunner(make_app(args.name), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", args.port)
+        site = web.TCPSite(runner, args.host, args.port)
         await site.start()
         print("ready", flush=True)
         await asyncio.Event().wait()
