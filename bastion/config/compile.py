@@ -19,6 +19,7 @@ from bastion.routing import matchers
 from bastion.routing.router import Router
 from bastion.upstream.discovery import FileSource, NameSource, SrvSource, Target, is_ip
 from bastion.upstream.health import assign_health_table
+from bastion.upstream.locality import ClientLocator, LocalityChooser
 from bastion.upstream.pool import Peer, UpstreamGroup
 
 
@@ -101,12 +102,29 @@ def _phase_tuples(route: CompiledRoute) -> None:
 def compile_config(config: Config, source: str = "<config>") -> Runtime:
     problems: list[ConfigProblem] = []
     proxy = config.proxy
+    trusted = TrustedProxies(list(config.trusted_proxies))
     hidden = {n.lower().encode() for n in proxy.hide_headers}
     if proxy.request_id_header:
         hidden.add(proxy.request_id_header.lower().encode())  # Bastion's own id is the one that counts
     hidden = frozenset(hidden)
-    groups = {name: _group(name, spec, hidden) for name, spec in config.upstreams.items()}
-    trusted = TrustedProxies(list(config.trusted_proxies))
+    locator_box: list = []
+
+    def locator():
+        if not locator_box:
+            locator_box.append(ClientLocator(config.locality, trusted))
+        return locator_box[0]
+
+    def make_group(name, spec):
+        group = _group(name, spec, hidden)
+        if spec.locality is not None and spec.locality.enabled:
+            group.locality = LocalityChooser(group, spec.locality)
+            try:
+                group.locator = locator()
+            except Exception as exc:  # noqa: BLE001 - e.g. an unreadable MaxMind database
+                problems.append(ConfigProblem(source, "locality", f"cannot set up client locality: {exc}"))
+        return group
+
+    groups = {name: make_group(name, spec) for name, spec in config.upstreams.items()}
 
     # Filters every route gets, in this order: our Server header (if configured), forwarding headers,
     # the global user filters; then the route's own; the log phase ends with the access log and metrics.
@@ -154,7 +172,7 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         elif isinstance(spec.upstream, str):
             route.upstream = groups[spec.upstream]
         else:
-            route.upstream = groups.setdefault(f"{route.name}", _group(route.name, spec.upstream, hidden))
+            route.upstream = groups.setdefault(f"{route.name}", make_group(route.name, spec.upstream))
         route.filters = filters + tail
         _phase_tuples(route)
         rt = spec.timeouts

@@ -217,6 +217,15 @@ class UpstreamLimits(Section):
     max_requests: int | None = Field(None, ge=1)
 
 
+class UpstreamLocality(Section):
+    """Nearest healthy servers first: the client's zone, then its region, then other regions."""
+
+    enabled: bool = True
+    spill_threshold: float = Field(0.7, gt=0, le=1, description="a level keeps all its traffic while this share of "
+                                   "its servers is healthy, and sends the rest onwards in proportion below it")
+    failover: dict[str, list[str]] = Field({}, description="per client region, the other regions in preference order")
+
+
 class Upstream(Section):
     servers: list[Server] = []
     servers_file: str | None = Field(None, description="a file listing servers, re-read when it changes")
@@ -226,6 +235,7 @@ class Upstream(Section):
     health: Health = Health()
     retries: Retries = Retries()
     limits: UpstreamLimits = UpstreamLimits()
+    locality: UpstreamLocality | None = None
 
     @model_validator(mode="after")
     def _one_primary(self):
@@ -432,6 +442,27 @@ class Route(Section):
         return self
 
 
+class ClientLocality(Section):
+    """Where a client is, in this order: a header set by a trusted CDN or L4 balancer, a CIDR map, a
+    MaxMind database; otherwise `default` (this node's own locality)."""
+
+    header: str | None = Field(None, description="'region' or 'region/zone'; believed only from trusted_proxies")
+    cidrs: dict[str, str] = Field({}, description="CIDR -> 'region' or 'region/zone'")
+    maxmind_db: str | None = Field(None, description="a MaxMind-format database (read with maxminddb)")
+    maxmind_regions: dict[str, str] = Field({}, description="country or continent code -> region")
+    default: str | None = Field(None, description="'region' or 'region/zone' for clients not otherwise placed")
+
+    @field_validator("cidrs")
+    @classmethod
+    def _cidrs(cls, value: dict[str, str]) -> dict[str, str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a CIDR") from None
+        return value
+
+
 class Resolver(Section):
     address: str | None = Field(None, description="DNS server host:port; default: the system resolver")
     timeout: Duration = 2.0
@@ -463,6 +494,7 @@ class Config(Section):
     trusted_proxies: list[IPNetwork] = []
     proxy: ProxySettings = ProxySettings()
     resolver: Resolver = Resolver()
+    locality: ClientLocality = ClientLocality()
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     upstreams: dict[str, Upstream] = {}

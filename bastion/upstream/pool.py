@@ -181,6 +181,8 @@ class UpstreamGroup:
         self.max_connections = limits.max_connections if limits is not None else None
         self.active = 0  # requests in flight to this group, for circuit breaking
         self._refreshed = False
+        self.locality = None  # a LocalityChooser when the upstream is region-aware
+        self.locator = None
         self.refresh(monotonic())
 
     def _set_peers(self, peers: list[Peer]) -> None:
@@ -190,6 +192,8 @@ class UpstreamGroup:
         spec = self.spec
         self.balancer = make_balancer(self.balance, peers, spec.hash_on if spec is not None else None)
         self.available: list[Peer] = []
+        if getattr(self, "locality", None) is not None:
+            self.locality.invalidate()
 
     def replace_dynamic(self, targets: list) -> None:
         """Apply discovered servers: keep the peers that stay (and their pooled connections), add new
@@ -213,6 +217,10 @@ class UpstreamGroup:
 
     # -- choosing -----------------------------------------------------------------------------------------
     def select(self, exchange, tried: list | None = None) -> Peer | None:
+        if self.locality is not None and self.available and self.available[0].backup is False:
+            candidates = self.locality.candidates(exchange, self.locator, 0.0, tried)
+            if candidates:
+                return self.balancer.pick(candidates, exchange)
         candidates = self.available
         if tried:
             candidates = [p for p in candidates if p not in tried]

@@ -231,3 +231,33 @@ def test_least_conn_avoids_a_busy_server(bastion, backend_factory):
 
     assert len(run("least_conn")) == 1  # every quick request goes to the idle server
     assert len(run("round_robin")) == 2  # (round robin alternates: the check above can fail)
+
+
+def test_locality_prefers_the_clients_zone_and_spills_over(bastion, backend_factory):
+    z1a, z1b, z2, us = (backend_factory(n) for n in ("eu1-a", "eu1-b", "eu2", "us"))
+
+    def server(b, region, zone):
+        return {"address": b.address, "region": region, "zone": zone}
+
+    px = bastion({
+        "trusted_proxies": ["127.0.0.0/8"],
+        "locality": {"header": "X-Client-Locality", "default": "us/us-1"},
+        "upstreams": {"app": {
+            "servers": [server(z1a, "eu", "eu-1"), server(z1b, "eu", "eu-1"), server(z2, "eu", "eu-2"),
+                        server(us, "us", "us-1")],
+            "locality": {"spill_threshold": 0.7},
+            "health": {"active": {"path": "/__health", "interval": 0.3, "fall": 1, "rise": 1}},
+        }},
+        "routes": [{"upstream": "app"}]})
+    eu = {"X-Client-Locality": "eu/eu-1"}
+    assert Counter(who(px, headers=eu) for _ in range(20)).keys() == {"eu1-a", "eu1-b"}
+    assert {who(px) for _ in range(5)} == {"us"}  # no header: the default locality
+    z1a.set_health(False)
+    time.sleep(1.8)
+    spread = Counter(who(px, headers=eu) for _ in range(200))
+    assert set(spread) == {"eu1-b", "eu2"}  # the zone keeps ~71%, the rest spills to the region
+    assert 110 <= spread["eu1-b"] <= 170, spread
+    z1b.set_health(False)
+    z2.set_health(False)
+    time.sleep(1.8)
+    assert {who(px, headers=eu) for _ in range(10)} == {"us"}  # the whole region is down

@@ -195,3 +195,41 @@ def test_retry_budget_caps_retries_to_a_share():
 def test_retry_budget_floor_allows_a_few_retries_at_low_traffic():
     budget = RetryBudget(percent=20, min_per_second=3)
     assert sum(budget.allow_retry() for _ in range(50)) == 30  # 3 per second over the 10 s window
+
+
+def test_locality_levels_and_proportional_spill():
+    from bastion.config.schema import ClientLocality, UpstreamLocality
+    from bastion.filters.trust import TrustedProxies
+    from bastion.proxy.exchange import Exchange
+    from bastion.upstream.locality import ClientLocator, LocalityChooser
+
+    spec = Upstream.model_validate({"servers": [
+        {"address": "10.0.0.1:80", "region": "eu", "zone": "eu-1"},
+        {"address": "10.0.0.2:80", "region": "eu", "zone": "eu-1"},
+        {"address": "10.0.0.3:80", "region": "eu", "zone": "eu-2"},
+        {"address": "10.0.0.4:80", "region": "us", "zone": "us-1"},
+    ]})
+    ps = []
+    for s in spec.servers:
+        p = Peer(*s.host_port, s.weight, 8, 60)
+        p.region, p.zone = s.region, s.zone
+        ps.append(p)
+    g = UpstreamGroup("g", ps, spec)
+    chooser = LocalityChooser(g, UpstreamLocality(spill_threshold=0.7), random.Random(3))
+    locator = ClientLocator(ClientLocality(cidrs={"192.168.1.0/24": "eu/eu-1", "192.168.2.0/24": "us"}), TrustedProxies([]))
+    ex = Exchange(None, 0.0)
+    ex.client_ip = "192.168.1.9"
+    assert [names(level) for level in chooser.levels("eu", "eu-1")] == [["1", "2"], ["3"], ["4"]]
+    assert all(set(names(chooser.candidates(ex, locator, 0))) == {"1", "2"} for _ in range(50))
+    # half the zone down: it keeps 0.5 / 0.7 = 71% of its traffic, the rest goes to the region
+    ps[0].active_ok = False
+    g.refresh(1.0)
+    picks = Counter(tuple(names(chooser.candidates(ex, locator, 0))) for _ in range(2000))
+    assert 0.66 < picks[("2",)] / 2000 < 0.77 and picks[("3",)] + picks[("2",)] == 2000
+    ps[1].active_ok = ps[2].active_ok = False
+    g.refresh(2.0)
+    assert names(chooser.candidates(ex, locator, 0)) == ["4"]  # the whole region is down: the next one
+    ex.client_ip = "192.168.2.7"
+    ps[0].active_ok = ps[1].active_ok = ps[2].active_ok = True
+    g.refresh(3.0)
+    assert names(chooser.candidates(ex, locator, 0)) == ["4"]  # a US client goes to the US server
