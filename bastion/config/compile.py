@@ -10,6 +10,7 @@ from bastion.filters.backend_identity import ServerHeader
 from bastion.filters.forwarding import ForwardingHeaders
 from bastion.filters.header_ops import RequestHeaders, ResponseHeaders
 from bastion.filters.rewrite import PathRewrite
+from bastion.filters.sticky import StickyCookieFilter
 from bastion.filters.trust import TrustedProxies
 from bastion.observability.accesslog import AccessLog
 from bastion.observability.metrics import Metrics
@@ -161,6 +162,12 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         if spec.response_headers is not None:
             filters.append(ResponseHeaders(spec.response_headers))
         filters += _user_filters(spec.filters, f"routes[{index}].filters", source, problems)
+        group_spec = config.upstreams.get(spec.upstream) if isinstance(spec.upstream, str) else spec.upstream
+        if group_spec is not None and group_spec.balance == "cookie":
+            sticky_group = groups[spec.upstream] if isinstance(spec.upstream, str) else None
+            sticky_index = len(filters)
+        else:
+            sticky_index = None
         if spec.redirect is not None:
             try:
                 filters.append(Redirect(spec.redirect.to, spec.redirect.status))
@@ -173,6 +180,8 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
             route.upstream = groups[spec.upstream]
         else:
             route.upstream = groups.setdefault(f"{route.name}", make_group(route.name, spec.upstream))
+        if sticky_index is not None:
+            filters.insert(sticky_index, StickyCookieFilter(sticky_group or route.upstream))
         route.filters = filters + tail
         _phase_tuples(route)
         rt = spec.timeouts

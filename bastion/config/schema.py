@@ -217,6 +217,12 @@ class UpstreamLimits(Section):
     max_requests: int | None = Field(None, ge=1)
 
 
+class Sticky(Section):
+    cookie: str = "bastion_sticky"
+    secret: str | None = Field(None, description="HMAC key signing the cookie; default: one random key per master process")
+    max_age: Duration | None = Field(None, description="cookie lifetime; default: a session cookie")
+
+
 class UpstreamLocality(Section):
     """Nearest healthy servers first: the client's zone, then its region, then other regions."""
 
@@ -229,8 +235,9 @@ class UpstreamLocality(Section):
 class Upstream(Section):
     servers: list[Server] = []
     servers_file: str | None = Field(None, description="a file listing servers, re-read when it changes")
-    balance: Literal["round_robin", "weighted", "least_conn", "least_time", "p2c", "hash"] = "round_robin"
+    balance: Literal["round_robin", "weighted", "least_conn", "least_time", "p2c", "hash", "cookie"] = "round_robin"
     hash_on: HashOn = HashOn()
+    sticky: Sticky = Sticky()
     keepalive: Keepalive = Keepalive()
     health: Health = Health()
     retries: Retries = Retries()

@@ -8,8 +8,11 @@ balancers read: `eff_weight` (weight, ramped during slow start), `active` (reque
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import math
+import os
 import random
 from bisect import bisect_left
 
@@ -169,7 +172,60 @@ def hash_key_function(source: str, name: str | None):
     return cookie_key
 
 
-def make_balancer(kind: str, peers: list, hash_on=None):
+# One key per master process (inherited by its workers, kept across reloads) when no secret is configured.
+_PROCESS_SECRET = os.urandom(32)
+
+
+class StickyCookie:
+    """Sticky sessions: the client carries a signed cookie naming its server. While that server is
+    available the client stays on it; otherwise it is balanced (round robin) and the cookie rewritten by
+    the route's StickyCookieFilter. The signature stops clients from choosing servers themselves."""
+
+    def __init__(self, peers: list, settings=None):
+        self.name = (settings.cookie if settings is not None else "bastion_sticky").encode()
+        secret = settings.secret if settings is not None and settings.secret else None
+        self.key = secret.encode() if secret else _PROCESS_SECRET
+        self.max_age = settings.max_age if settings is not None else None
+        self.fallback = SmoothWeightedRoundRobin(peers)
+
+    def sign(self, address: str) -> bytes:
+        mac = hmac.new(self.key, address.encode(), hashlib.sha256).hexdigest()[:24]
+        return base64.urlsafe_b64encode(address.encode()).rstrip(b"=") + b"." + mac.encode()
+
+    def wanted(self, exchange) -> str | None:
+        """The server address the request's cookie names, if the cookie is genuine."""
+        for n, v in exchange.headers:
+            if n.lower() == b"cookie":
+                for part in v.split(b";"):
+                    k, _, value = part.strip().partition(b"=")
+                    if k == self.name:
+                        encoded, _, mac = value.partition(b".")
+                        try:
+                            address = base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4)).decode()
+                        except (ValueError, UnicodeDecodeError):
+                            return None
+                        if hmac.compare_digest(self.sign(address), value):
+                            return address
+                        return None
+        return None
+
+    def pick(self, candidates: list, exchange=None, now: float = 0.0):
+        if exchange is not None:
+            address = self.wanted(exchange)
+            if address is not None:
+                for p in candidates:
+                    if p.address == address:
+                        return p
+        return self.fallback.pick(candidates, exchange)
+
+    def set_cookie(self, peer) -> bytes:
+        value = self.name + b"=" + self.sign(peer.address) + b"; Path=/; HttpOnly; SameSite=Lax"
+        if self.max_age:
+            value += b"; Max-Age=%d" % int(self.max_age)
+        return value
+
+
+def make_balancer(kind: str, peers: list, hash_on=None, sticky=None):
     if kind in ("round_robin", "weighted"):
         return SmoothWeightedRoundRobin(peers)
     if kind == "least_conn":
@@ -181,4 +237,6 @@ def make_balancer(kind: str, peers: list, hash_on=None):
     if kind == "hash":
         key_of = hash_key_function(hash_on.source, hash_on.name) if hash_on is not None else None
         return ConsistentHash(peers, key_of)
+    if kind == "cookie":
+        return StickyCookie(peers, sticky)
     raise ValueError(f"unknown balancer {kind!r}")

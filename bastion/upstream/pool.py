@@ -190,7 +190,8 @@ class UpstreamGroup:
         self.primaries = [p for p in peers if not p.backup]
         self.backups = [p for p in peers if p.backup]
         spec = self.spec
-        self.balancer = make_balancer(self.balance, peers, spec.hash_on if spec is not None else None)
+        self.balancer = make_balancer(self.balance, peers, spec.hash_on if spec is not None else None,
+                                      spec.sticky if spec is not None else None)
         self.available: list[Peer] = []
         if getattr(self, "locality", None) is not None:
             self.locality.invalidate()

@@ -261,3 +261,31 @@ def test_locality_prefers_the_clients_zone_and_spills_over(bastion, backend_fact
     z2.set_health(False)
     time.sleep(1.8)
     assert {who(px, headers=eu) for _ in range(10)} == {"us"}  # the whole region is down
+
+
+def test_cookie_sticky_sessions_move_when_the_server_goes(bastion, backend_factory):
+    backends = {n: backend_factory(n) for n in ("a", "b", "c")}
+    px = bastion({"upstreams": {"app": {"servers": [x.address for x in backends.values()], "balance": "cookie",
+                                        "sticky": {"cookie": "srv"},
+                                        "retries": {"attempts": 3},
+                                        "health": {"passive": {"consecutive_failures": 1, "max_ejected_percent": 100}}}},
+                  "routes": [{"upstream": "app"}]})
+    status, headers, body = fetch(px.url + "/echo")
+    first = json.loads(body)["name"]
+    cookie = headers["Set-Cookie"].split(";")[0]
+    assert cookie.startswith("srv=") and "HttpOnly" in headers["Set-Cookie"]
+    for _ in range(6):
+        status, headers, body = fetch(px.url + "/echo", {"Cookie": cookie})
+        assert json.loads(body)["name"] == first and "Set-Cookie" not in headers
+    # a forged cookie (another server's name, wrong signature) is ignored and replaced
+    other = next(n for n in backends if n != first)
+    forged = "srv=" + __import__("base64").urlsafe_b64encode(backends[other].address.encode()).decode().rstrip("=") + ".0000"
+    _, headers, _ = fetch(px.url + "/echo", {"Cookie": forged})
+    assert "Set-Cookie" in headers
+    # the server goes away: the client moves and gets a new cookie naming its new server
+    backends[first].proc.kill()
+    status, headers, body = fetch(px.url + "/echo", {"Cookie": cookie})
+    moved = json.loads(body)["name"]
+    assert status == 200 and moved != first and "Set-Cookie" in headers
+    new_cookie = headers["Set-Cookie"].split(";")[0]
+    assert {json.loads(fetch(px.url + "/echo", {"Cookie": new_cookie})[2])["name"] for _ in range(4)} == {moved}
