@@ -206,7 +206,7 @@ class Health(Section):
 
 class Retries(Section):
     attempts: int = Field(2, ge=1, le=10, description="tries in total, each on a different server when possible")
-    on: list[Literal["connect_failure", "reset", "timeout", "502", "503", "504"]] = ["connect_failure", "reset"]
+    retry_on: list[Literal["connect_failure", "reset", "timeout", "502", "503", "504"]] = ["connect_failure", "reset"]
     idempotent_only: bool = True
     budget_percent: int = Field(20, ge=0, le=100, description="retries may add at most this share of requests")
     budget_min_per_second: int = Field(3, ge=0)
@@ -234,7 +234,16 @@ class UpstreamLocality(Section):
 
 class Upstream(Section):
     servers: list[Server] = []
+    servers_from: str | None = Field(None, description="comma-separated host:port list (handy with ${ENV})")
     servers_file: str | None = Field(None, description="a file listing servers, re-read when it changes")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _servers_from(cls, value):
+        if isinstance(value, dict) and value.get("servers_from"):
+            extra = [s.strip() for s in str(value["servers_from"]).split(",") if s.strip()]
+            value = {**value, "servers": list(value.get("servers") or []) + extra}
+        return value
     balance: Literal["round_robin", "weighted", "least_conn", "least_time", "p2c", "hash", "cookie"] = "round_robin"
     hash_on: HashOn = HashOn()
     sticky: Sticky = Sticky()

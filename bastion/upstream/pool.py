@@ -173,7 +173,7 @@ class UpstreamGroup:
         self.active_check = health.active if health is not None else None
         retries = spec.retries if spec is not None else None
         self.attempts = retries.attempts if retries is not None else 1
-        self.retry_on = frozenset(retries.on) if retries is not None else frozenset()
+        self.retry_on = frozenset(retries.retry_on) if retries is not None else frozenset()
         self.retry_idempotent_only = retries.idempotent_only if retries is not None else True
         self.budget = RetryBudget(retries.budget_percent, retries.budget_min_per_second) if retries is not None else None
         limits = spec.limits if spec is not None else None

@@ -41,7 +41,7 @@ def metric(b, name, **labels):
 def test_killed_backend_under_load_loses_no_request(bastion, backend_factory):
     a, b_, c = backend_factory("a"), backend_factory("b"), backend_factory("c")
     px = bastion({"upstreams": {"app": {"servers": [a.address, b_.address, c.address],
-                                        "retries": {"attempts": 3, "on": ["connect_failure", "reset", "502"]},
+                                        "retries": {"attempts": 3, "retry_on": ["connect_failure", "reset", "502"]},
                                         "health": {"passive": {"consecutive_failures": 2, "base_ejection": 30}}}},
                   "routes": [{"upstream": "app"}]})
     failures, served = [], Counter()
@@ -160,7 +160,7 @@ def test_circuit_breaker_answers_503_beyond_max_requests(bastion, backend_factor
 def test_retry_budget_limits_retries_when_every_server_fails(bastion, backend_factory):
     a, b_ = backend_factory("a"), backend_factory("b")
     px = bastion({"upstreams": {"app": {"servers": [a.address, b_.address],
-                                        "retries": {"attempts": 2, "on": ["503"], "budget_percent": 20,
+                                        "retries": {"attempts": 2, "retry_on": ["503"], "budget_percent": 20,
                                                     "budget_min_per_second": 0},
                                         "health": {"passive": {"consecutive_failures": 0}}}},
                   "routes": [{"upstream": "app"}]})
