@@ -213,8 +213,9 @@ class Retries(Section):
 
 
 class UpstreamLimits(Section):
-    max_connections: int | None = Field(None, ge=1)
-    max_requests: int | None = Field(None, ge=1)
+    max_connections: int | None = Field(None, ge=1, description="open connections to the upstream's servers")
+    max_pending: int | None = Field(None, ge=1, description="requests waiting for a new connection")
+    max_requests: int | None = Field(None, ge=1, description="requests in flight")
 
 
 class Sticky(Section):

@@ -519,16 +519,32 @@ class ClientConnection(asyncio.Protocol):
         if up is not None:
             self._attach(ex, up, True, now)
         else:
-            self.loop.create_task(self._connect(ex, peer))
+            self._new_connection(ex, peer)
+
+    def _new_connection(self, ex, peer) -> None:
+        group = ex.route.upstream
+        if not group.may_connect():
+            engine.end_attempt(ex)
+            ex.error = "circuit_open"
+            engine.respond_error(self, ex, 503, retry_after=1)
+            return
+        group.pending += 1
+        self.loop.create_task(self._connect(ex, peer))
 
     def _connect_or_attach(self, ex, peer, fresh: bool = False) -> None:
         up = None if fresh else peer.acquire(monotonic())
         if up is not None:
             self._attach(ex, up, True)
         else:
-            self.loop.create_task(self._connect(ex, peer))
+            self._new_connection(ex, peer)
 
     async def _connect(self, ex, peer) -> None:
+        try:
+            await self._open(ex, peer)
+        finally:
+            ex.route.upstream.pending -= 1
+
+    async def _open(self, ex, peer) -> None:
         route = ex.route
         try:
             _, up = await asyncio.wait_for(

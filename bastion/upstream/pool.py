@@ -179,6 +179,8 @@ class UpstreamGroup:
         limits = spec.limits if spec is not None else None
         self.max_requests = limits.max_requests if limits is not None else None
         self.max_connections = limits.max_connections if limits is not None else None
+        self.max_pending = limits.max_pending if limits is not None else None
+        self.pending = 0  # requests waiting for a new connection
         self.active = 0  # requests in flight to this group, for circuit breaking
         self._refreshed = False
         self.locality = None  # a LocalityChooser when the upstream is region-aware
@@ -231,6 +233,14 @@ class UpstreamGroup:
         if not candidates:
             return None
         return self.balancer.pick(candidates, exchange)
+
+    def may_connect(self) -> bool:
+        """Circuit breaking on connections: may one more connection be opened right now?"""
+        if self.max_pending is not None and self.pending >= self.max_pending:
+            return False
+        if self.max_connections is not None and sum(p.connections for p in self.peers) + self.pending >= self.max_connections:
+            return False
+        return True
 
     def refresh(self, now: float) -> None:
         """Recompute which peers take requests (usable primaries, else usable backups) and the weights

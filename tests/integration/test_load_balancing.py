@@ -157,6 +157,19 @@ def test_circuit_breaker_answers_503_beyond_max_requests(bastion, backend_factor
     assert metric(px, "bastion_upstream_errors_total", kind="circuit_open") == 1.0
 
 
+def test_circuit_breaker_on_connections(bastion, backend_factory):
+    a = backend_factory("a")
+    px = bastion({"upstreams": {"app": {"servers": [a.address], "limits": {"max_connections": 1}}},
+                  "routes": [{"upstream": "app"}]})
+    slow = threading.Thread(target=lambda: fetch(px.url + "/delay/1.5"))
+    slow.start()  # holds the only connection
+    time.sleep(0.4)
+    status, headers, _ = fetch(px.url + "/echo")
+    slow.join()
+    assert status == 503 and headers["Retry-After"] == "1"
+    assert fetch(px.url + "/echo")[0] == 200  # the connection is free again (and reused)
+
+
 def test_retry_budget_limits_retries_when_every_server_fails(bastion, backend_factory):
     a, b_ = backend_factory("a"), backend_factory("b")
     px = bastion({"upstreams": {"app": {"servers": [a.address, b_.address],
