@@ -193,6 +193,10 @@ class ActiveCheck(Section):
 class PassiveCheck(Section):
     consecutive_failures: int = Field(5, ge=0, description="connect failures / resets in a row that eject; 0 = off")
     consecutive_5xx: int = Field(0, ge=0, description="5xx answers in a row that eject; 0 = off")
+    error_rate_percent: int = Field(0, ge=0, le=100, description="eject when failures reach this share of a "
+                                    "server's requests in error_rate_window; 0 = off")
+    error_rate_window: Duration = 10.0
+    error_rate_min_requests: int = Field(20, ge=1)
     base_ejection: Duration = 10.0
     max_ejection: Duration = 300.0
     max_ejected_percent: int = Field(50, ge=0, le=100)
@@ -210,6 +214,8 @@ class Retries(Section):
     idempotent_only: bool = True
     budget_percent: int = Field(20, ge=0, le=100, description="retries may add at most this share of requests")
     budget_min_per_second: int = Field(3, ge=0)
+    per_try_timeout: Duration | None = Field(None, description="read timeout of each try (default: the route's upstream_read)")
+    deadline: Duration | None = Field(None, description="no new try once this long has passed since the first")
 
 
 class UpstreamLimits(Section):

@@ -577,7 +577,7 @@ class ClientConnection(asyncio.Protocol):
         if not now:
             now = monotonic()
         ex.upstream_start = now
-        up.read_timeout = ex.route.read_timeout
+        up.read_timeout = ex.route.upstream.per_try_timeout or ex.route.read_timeout
         up.deadline = now + up.read_timeout
         head = ex.upstream_head
         if head is None:

@@ -186,6 +186,9 @@ def next_peer_for_retry(ex, kind: str, sent: bool):
         return None
     if sent and group.retry_idempotent_only and ex.method not in IDEMPOTENT:
         return None
+    if group.retry_deadline is not None and monotonic() - ex.start > group.retry_deadline:
+        ex.error_detail = "retry_deadline"
+        return None
     if not ex.request_complete or (ex.body_sent and not ex.body_chunks):
         return None  # the body is not all here, or already streamed away: it cannot be sent again
     peer = group.select(ex, tried)

@@ -32,7 +32,7 @@ class Peer:
         "host", "port", "address", "address_bytes", "weight", "eff_weight", "max_idle", "idle_timeout", "idle",
         "connections", "response_special", "backup", "drain", "index", "active_ok", "ejected_until", "ejections",
         "fails", "fives", "last_failure", "up_since", "ramp_until", "active", "ewma", "ewma_at", "total_ejections",
-        "region", "zone",
+        "region", "zone", "window_requests", "window_failures",
     )
 
     def __init__(self, host: str, port: int, weight: int, max_idle: int, idle_timeout: float,
@@ -59,6 +59,8 @@ class Peer:
         self.total_ejections = 0
         self.region: str | None = None
         self.zone: str | None = None
+        self.window_requests = 0  # for error-rate ejection, reset every error_rate_window
+        self.window_failures = 0
         self.fails = 0
         self.fives = 0
         self.last_failure = 0.0
@@ -168,13 +170,17 @@ class UpstreamGroup:
         health = spec.health if spec is not None else None
         self.passive = health.passive if health is not None else None
         # whether a successful answer needs more than resetting the failure count
-        self.watch_success = self.tracks_time or bool(self.passive is not None and self.passive.consecutive_5xx)
+        self.watch_success = self.tracks_time or bool(
+            self.passive is not None and (self.passive.consecutive_5xx or self.passive.error_rate_percent))
         self.slow_start = health.slow_start if health is not None else 0.0
         self.active_check = health.active if health is not None else None
         retries = spec.retries if spec is not None else None
         self.attempts = retries.attempts if retries is not None else 1
         self.retry_on = frozenset(retries.retry_on) if retries is not None else frozenset()
         self.retry_idempotent_only = retries.idempotent_only if retries is not None else True
+        self.per_try_timeout = retries.per_try_timeout if retries is not None else None
+        self.retry_deadline = retries.deadline if retries is not None else None
+        self.rate_window_started = 0.0
         self.budget = RetryBudget(retries.budget_percent, retries.budget_min_per_second) if retries is not None else None
         limits = spec.limits if spec is not None else None
         self.max_requests = limits.max_requests if limits is not None else None
@@ -267,6 +273,11 @@ class UpstreamGroup:
         if peer.fails:
             peer.fails = 0
         passive = self.passive
+        if passive is not None and passive.error_rate_percent:
+            peer.window_requests += 1
+            if status >= 500:
+                peer.window_failures += 1
+                self._check_error_rate(peer, now)
         if passive is not None and passive.consecutive_5xx and status >= 500:
             peer.fives += 1
             if peer.fives >= passive.consecutive_5xx:
@@ -282,8 +293,21 @@ class UpstreamGroup:
         if self.tracks_time:
             peer.observe_time(30.0, now)  # a failed peer looks very slow until it answers again
         passive = self.passive
+        if passive is not None and passive.error_rate_percent:
+            peer.window_requests += 1
+            peer.window_failures += 1
+            if self._check_error_rate(peer, now):
+                return
         if passive is not None and passive.consecutive_failures and peer.fails >= passive.consecutive_failures:
             self.eject(peer, now)
+
+    def _check_error_rate(self, peer: Peer, now: float) -> bool:
+        passive = self.passive
+        if (peer.window_requests >= passive.error_rate_min_requests
+                and peer.window_failures * 100 >= passive.error_rate_percent * peer.window_requests):
+            peer.window_requests = peer.window_failures = 0
+            return self.eject(peer, now)
+        return False
 
     def eject(self, peer: Peer, now: float) -> bool:
         """Take a peer out for a time that doubles with each ejection (up to the maximum), unless that
@@ -308,6 +332,11 @@ class UpstreamGroup:
     def sweep(self, now: float) -> None:
         if self.budget is not None:
             self.budget.tick()
+        passive = self.passive
+        if passive is not None and passive.error_rate_percent and now - self.rate_window_started >= passive.error_rate_window:
+            self.rate_window_started = now
+            for peer in self.peers:
+                peer.window_requests = peer.window_failures = 0
         for peer in self.peers:
             peer.sweep(now)
             # forgive one past ejection for each quiet period, so that backoff resets after a while

@@ -302,3 +302,38 @@ def test_cookie_sticky_sessions_move_when_the_server_goes(bastion, backend_facto
     assert status == 200 and moved != first and "Set-Cookie" in headers
     new_cookie = headers["Set-Cookie"].split(";")[0]
     assert {json.loads(fetch(px.url + "/echo", {"Cookie": new_cookie})[2])["name"] for _ in range(4)} == {moved}
+
+
+def test_recovered_server_ramps_up_with_slow_start(bastion, backend_factory):
+    a, b_ = backend_factory("a"), backend_factory("b")
+    px = bastion({"upstreams": {"app": {"servers": [a.address, b_.address],
+                                        "health": {"slow_start": 6,
+                                                   "active": {"path": "/__health", "interval": 0.3, "fall": 1, "rise": 1}}}},
+                  "routes": [{"upstream": "app"}]})
+    b_.set_health(False)
+    time.sleep(1.8)
+    assert {who(px) for _ in range(6)} == {"a"}
+    b_.set_health(True)
+    time.sleep(1.6)  # back, about 1-2 s into its 6 s ramp
+    early = Counter(who(px) for _ in range(60))
+    time.sleep(5.5)  # ramp over
+    late = Counter(who(px) for _ in range(60))
+    assert 0 < early["b"] < 22, early  # a fraction of its share while warming up
+    assert 27 <= late["b"] <= 33, late  # the full, equal share afterwards
+
+
+def test_per_try_timeout_moves_a_slow_try_to_another_server(bastion, backend_factory):
+    slow_srv = socket.socket()
+    slow_srv.bind(("127.0.0.1", 0))
+    slow_srv.listen(16)  # accepts, never answers
+    a = backend_factory("a")
+    try:
+        px = bastion({"upstreams": {"app": {"servers": [f"127.0.0.1:{slow_srv.getsockname()[1]}", a.address],
+                                            "retries": {"attempts": 2, "retry_on": ["timeout"], "per_try_timeout": 0.5},
+                                            "health": {"passive": {"consecutive_failures": 0}}}},
+                      "routes": [{"upstream": "app"}]})
+        started = time.monotonic()
+        results = [who(px) for _ in range(2)]  # one of them tries the silent server first
+        assert results == ["a", "a"] and time.monotonic() - started < 3
+    finally:
+        slow_srv.close()

@@ -233,3 +233,16 @@ def test_locality_levels_and_proportional_spill():
     ps[0].active_ok = ps[1].active_ok = ps[2].active_ok = True
     g.refresh(3.0)
     assert names(chooser.candidates(ex, locator, 0)) == ["4"]  # a US client goes to the US server
+
+
+def test_error_rate_ejects_a_server_failing_half_its_requests():
+    g = group(health={"passive": {"consecutive_failures": 0, "error_rate_percent": 50, "error_rate_min_requests": 10,
+                                  "max_ejected_percent": 100}})
+    a, b_ = g.peers[0], g.peers[1]
+    for i in range(10):
+        if i % 2:
+            g.record_failure(a, 1.0)
+        else:
+            g.record_success(a, 200, 0.01, 1.0)
+        g.record_success(b_, 500 if i == 0 else 200, 0.01, 1.0)
+    assert a.ejected_until > 1.0 and b_.ejected_until == 0.0
