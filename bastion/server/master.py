@@ -154,11 +154,8 @@ class Master:
         self.pending_signals.append(signum)
 
     # -- workers ------------------------------------------------------------------------------------------
-    def _spawn(self, generation: int) -> None:
-        runtime = self.runtime
-        sockets = list(self.listen_sockets.values())
-        admin = self.admin_socket
-        master_pid = os.getpid()
+    def _fork(self, child_main) -> int:
+        """Fork a child that runs `child_main()` with default signal handling and exits with its code."""
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -168,41 +165,42 @@ class Master:
                     signal.signal(sig, signal.SIG_DFL)
                 os.close(self.wake_r)
                 os.close(self.wake_w)
-                from bastion.server.worker import run_worker
-
-                code = run_worker(runtime, sockets, admin, master_pid, generation)
+                code = child_main()
+            except Exception:  # noqa: BLE001 - reported by the master as an unexpected exit
+                log.exception("child process failed")
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self.workers[pid] = generation
+        return pid
+
+    def _spawn(self, generation: int) -> None:
+        runtime = self.runtime
+        sockets = list(self.listen_sockets.values())
+        admin = self.admin_socket
+        master_pid = os.getpid()
+
+        def worker_main() -> int:
+            from bastion.server.worker import run_worker
+
+            return run_worker(runtime, sockets, admin, master_pid, generation)
+
+        self.workers[self._fork(worker_main)] = generation
 
     def _spawn_checker(self, generation: int) -> None:
         """One active health checker per node and generation, when the configuration asks for checks."""
         runtime = self.runtime
         if not runtime.checked:
             return
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
-                    signal.signal(sig, signal.SIG_DFL)
-                os.close(self.wake_r)
-                os.close(self.wake_w)
-                for sock in self.listen_sockets.values():
-                    sock.close()
-                if self.admin_socket is not None:
-                    self.admin_socket.close()
-                from bastion.upstream.health import run_checker
+        sockets = list(self.listen_sockets.values()) + ([self.admin_socket] if self.admin_socket else [])
 
-                code = run_checker(runtime)
-            except Exception:  # noqa: BLE001 - reported by the master as an unexpected exit
-                log.exception("health checker failed")
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        self.checkers[pid] = generation
+        def checker_main() -> int:
+            for sock in sockets:
+                sock.close()  # the checker serves no traffic
+            from bastion.upstream.health import run_checker
+
+            return run_checker(runtime)
+
+        self.checkers[self._fork(checker_main)] = generation
 
     def _reap(self) -> None:
         while True:

@@ -51,9 +51,9 @@ class SmoothWeightedRoundRobin:
         return best
 
 
-class LeastConnections:
-    """Fewest requests in flight relative to weight; ties are broken by rotation so that equally idle
-    peers share the load."""
+class _LeastCost:
+    """Picks the candidate with the lowest `cost(peer)`; the scan starts one further each time, so that
+    ties rotate instead of always going to the first peer."""
 
     def __init__(self, peers: list):
         self.index = 0
@@ -61,34 +61,32 @@ class LeastConnections:
     def pick(self, candidates: list, exchange=None, now: float = 0.0):
         self.index += 1
         n = len(candidates)
-        best = None
-        best_load = math.inf
-        for i in range(n):
-            p = candidates[(self.index + i) % n]
-            load = p.active / p.eff_weight
-            if load < best_load:
-                best, best_load = p, load
-        return best
-
-
-class LeastTime:
-    """Peak-EWMA response time times (requests in flight + 1): a slow peer gets less, and a peer whose
-    latency jumps is penalised at once (the "peak"), recovering as the average decays (Finagle, Linkerd)."""
-
-    def __init__(self, peers: list):
-        self.index = 0
-
-    def pick(self, candidates: list, exchange=None, now: float = 0.0):
-        self.index += 1
-        n = len(candidates)
+        cost = self.cost
         best = None
         best_cost = math.inf
         for i in range(n):
             p = candidates[(self.index + i) % n]
-            cost = p.ewma * (p.active + 1) / p.eff_weight
-            if cost < best_cost:
-                best, best_cost = p, cost
+            c = cost(p)
+            if c < best_cost:
+                best, best_cost = p, c
         return best
+
+
+class LeastConnections(_LeastCost):
+    """Fewest requests in flight relative to weight."""
+
+    @staticmethod
+    def cost(p) -> float:
+        return p.active / p.eff_weight
+
+
+class LeastTime(_LeastCost):
+    """Peak-EWMA response time times (requests in flight + 1): a slow peer gets less, and a peer whose
+    latency jumps is penalised at once (the "peak"), recovering as the average decays (Finagle, Linkerd)."""
+
+    @staticmethod
+    def cost(p) -> float:
+        return p.ewma * (p.active + 1) / p.eff_weight
 
 
 class PowerOfTwoChoices:

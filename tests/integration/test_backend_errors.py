@@ -3,13 +3,12 @@ line saying why, and a metric."""
 
 import json
 import socket
-import threading
 import time
 import urllib.request
 from urllib.error import HTTPError
 
 from tests.support.ports import free_port
-from tests.support.raw import RecordingServer
+from tests.support.raw import RecordingServer, ResettingServer
 
 
 def fetch(url, accept=None):
@@ -85,25 +84,9 @@ def test_invalid_backend_response_is_502(bastion):
 
 
 def test_backend_reset_before_answer_is_502(bastion):
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    port = srv.getsockname()[1]
-
-    def accept_and_drop():
-        srv.settimeout(10)
-        try:
-            while True:
-                c, _ = srv.accept()
-                c.recv(1000)
-                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                c.close()
-        except OSError:
-            pass
-
-    threading.Thread(target=accept_and_drop, daemon=True).start()
+    srv = ResettingServer()
     try:
-        b = bastion({"routes": [{"upstream": {"servers": [f"127.0.0.1:{port}"]}}]})
+        b = bastion({"routes": [{"upstream": {"servers": [srv.address]}}]})
         status, _, _ = fetch(b.url + "/")
         assert status == 502
         assert b.wait_access_log(1)[-1]["error"] == "upstream_reset"

@@ -9,6 +9,7 @@ from collections import Counter
 from urllib.error import HTTPError
 
 from tests.support.ports import free_port
+from tests.support.raw import ResettingServer
 
 
 def fetch(url, headers=None, method="GET", data=None, timeout=10):
@@ -190,24 +191,9 @@ def test_retry_budget_limits_retries_when_every_server_fails(bastion, backend_fa
 
 def test_post_is_not_retried_after_it_may_have_reached_a_backend(bastion, backend_factory):
     a = backend_factory("a")
-    resetter = socket.socket()
-    resetter.bind(("127.0.0.1", 0))
-    resetter.listen(16)
-
-    def drop():
-        resetter.settimeout(10)
-        try:
-            while True:
-                c, _ = resetter.accept()
-                c.recv(65536)
-                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                c.close()
-        except OSError:
-            pass
-
-    threading.Thread(target=drop, daemon=True).start()
+    resetter = ResettingServer()
     try:
-        px = bastion({"upstreams": {"app": {"servers": [f"127.0.0.1:{resetter.getsockname()[1]}", a.address],
+        px = bastion({"upstreams": {"app": {"servers": [resetter.address, a.address],
                                             "balance": "round_robin", "retries": {"attempts": 2},
                                             "health": {"passive": {"consecutive_failures": 0}}}},
                       "routes": [{"upstream": "app"}]})

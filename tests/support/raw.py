@@ -117,3 +117,29 @@ class RecordingServer:
     def close(self):
         self._stop = True
         self.sock.close()
+
+
+class ResettingServer:
+    """Accepts connections, reads the request, and resets the connection without answering."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        self.sock.settimeout(10)
+        try:
+            while True:
+                conn, _ = self.sock.accept()
+                conn.recv(65536)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                conn.close()
+        except OSError:
+            pass
+
+    def close(self):
+        self.sock.close()
