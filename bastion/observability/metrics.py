@@ -55,17 +55,17 @@ class _RouteCounts:
 
 class Metrics:
     def __init__(self):
-        self.routes: dict[str, _RouteCounts] = {}
+        self.routes: dict = {}  # route object -> counts since the last flush
         self.gauges: dict[str, object] = {}
         self.groups: list = []
         self._ejections_seen: dict[int, int] = {}
         self._prom: _Prom | None = None
 
     def logging(self, ex) -> None:
-        name = ex.route.name if ex.route is not None else ""
-        counts = self.routes.get(name)
+        route = ex.route
+        counts = self.routes.get(route)
         if counts is None:
-            counts = self.routes[name] = _RouteCounts()
+            counts = self.routes[route] = _RouteCounts()
         status = ex.status // 100
         counts.status[status if 0 < status < 6 else 6] += 1
         duration = (ex.end or monotonic()) - ex.start
@@ -86,7 +86,8 @@ class Metrics:
         if prom is None:
             prom = self._prom = _Prom()
         routes, self.routes = self.routes, {}
-        for route, counts in routes.items():
+        for route_obj, counts in routes.items():
+            route = route_obj.name if route_obj is not None else ""
             for status, n in enumerate(counts.status):
                 if n:
                     prom.requests.labels(route, _STATUS_CLASS.get(status, "other")).inc(n)

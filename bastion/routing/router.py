@@ -10,11 +10,14 @@ _MAX_CACHED_HOSTS = 4096
 
 
 class Router:
-    __slots__ = ("routes", "_by_host")
+    __slots__ = ("routes", "_by_host", "only")
 
     def __init__(self, routes: list):
         self.routes = sorted(routes, key=lambda r: (-r.priority, r.index))
         self._by_host: dict[bytes, tuple] = {}
+        # A single route that takes everything (a plain reverse proxy) needs no lookup at all.
+        first = self.routes[0] if self.routes else None
+        self.only = first if len(self.routes) == 1 and first.host_accepts is None and not first.conditions else None
 
     def candidates(self, host: bytes) -> tuple:
         found = self._by_host.get(host)
@@ -26,6 +29,8 @@ class Router:
         return found
 
     def match(self, exchange):
+        if self.only is not None:
+            return self.only
         for route in self.candidates(exchange.host):
             for condition in route.conditions:
                 if not condition(exchange):
