@@ -32,6 +32,7 @@ def _cmd_check(args) -> int:
     from bastion.config.compile import load_runtime
     from bastion.config.loader import ConfigError
     from bastion.server.master import print_config_error, worker_count
+    from bastion.upstream.discovery import describe
 
     try:
         runtime = load_runtime(path)
@@ -49,23 +50,13 @@ def _cmd_check(args) -> int:
         if route.upstream is not None:
             group = route.upstream
             targets = [f"{p.address} (weight {p.weight}{', backup' if p.backup else ''})" for p in group.peers]
-            targets += [_describe_source(s) for s in group.sources]
+            targets += [describe(s) for s in group.sources]
             action = f"-> [{group.balance}] " + ", ".join(targets)
         else:
             spec = config.routes[route.index]
             action = f"redirect {spec.redirect.status} {spec.redirect.to}" if spec.redirect else f"respond {spec.respond.status}"
         print(f"  {route.name}: {route.description} {action}")
     return 0
-
-
-def _describe_source(source) -> str:
-    from bastion.upstream.discovery import FileSource, SrvSource
-
-    if isinstance(source, FileSource):
-        return f"servers from {source.path}"
-    if isinstance(source, SrvSource):
-        return f"DNS SRV {source.name}"
-    return f"DNS {source.name}:{source.port}"
 
 
 def _cmd_reload(args) -> int:

@@ -214,12 +214,12 @@ class Discovery:
                                        source.zone) for a, port, weight, priority in records)
             if source in self.failing:
                 self.failing.discard(source)
-                log.warning("service discovery: %s resolves again", _describe(source))
+                log.warning("service discovery: %s resolves again", describe(source))
             return targets, ttl
         except Exception as exc:  # noqa: BLE001 - a failed lookup keeps the last known servers
             if source not in self.failing:
                 self.failing.add(source)
-                log.warning("service discovery: %s failed (%s); keeping %d known server(s)", _describe(source),
+                log.warning("service discovery: %s failed (%s); keeping %d known server(s)", describe(source),
                             exc or type(exc).__name__, len(old))
             return old, 2.0
 
@@ -233,9 +233,9 @@ class Discovery:
         return targets
 
 
-def _describe(source) -> str:
+def describe(source) -> str:
     if isinstance(source, FileSource):
-        return f"servers file {source.path}"
+        return f"servers from {source.path}"
     if isinstance(source, SrvSource):
-        return f"SRV {source.name}"
-    return f"name {source.name}"
+        return f"DNS SRV {source.name}"
+    return f"DNS {source.name}:{source.port}"

@@ -9,22 +9,7 @@ import time
 
 def http_raw(port: int, data: bytes, timeout: float = 3.0) -> bytes:
     """Send `data`, read until the peer closes or `timeout` passes; returns what came back."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        s.settimeout(timeout)
-        out = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except socket.timeout:
-                break
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        return out
+    return closed_after(port, data, timeout)[0]
 
 
 def closed_after(port: int, data: bytes, timeout: float = 3.0) -> tuple[bytes, bool]:
