@@ -175,6 +175,11 @@ class BastionProcess:
     def _complete(self, config) -> dict:
         data = yaml.safe_load(config) if isinstance(config, str) else dict(config)
         data = dict(data or {})
+        if data.get("listeners"):
+            first = data["listeners"][0]
+            address = first["address"] if isinstance(first, dict) else str(first)
+            self.port = int(address.rsplit(":", 1)[1])
+            self.url = f"{'https' if isinstance(first, dict) and first.get('tls') else 'http'}://127.0.0.1:{self.port}"
         data.setdefault("listeners", [f"127.0.0.1:{self.port}"])
         data.setdefault("admin", {"address": f"127.0.0.1:{self.admin_port}"})
         data.setdefault("pid_file", str(self.pid_file))

@@ -11,6 +11,8 @@ from bastion.filters.forwarding import ForwardingHeaders
 from bastion.filters.header_ops import RequestHeaders, ResponseHeaders
 from bastion.filters.rewrite import PathRewrite
 from bastion.filters.sticky import StickyCookieFilter
+from bastion.filters.tls import HttpsRedirect, ListenerInfo, StrictTransportSecurity
+from bastion.tls.contexts import CertificateError, listener_context
 from bastion.filters.trust import TrustedProxies
 from bastion.observability.accesslog import AccessLog
 from bastion.observability.metrics import Metrics
@@ -144,6 +146,22 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
     if proxy.server_header:
         head.insert(0, ServerHeader(proxy.server_header))
 
+    # Listeners: TLS contexts (certificates checked now, so a bad one is a start-up error), and the
+    # listener-level behaviours, which are filters like everything else.
+    listeners = {}
+    for index, spec in enumerate(config.listeners):
+        info = ListenerInfo(spec)
+        if spec.tls is not None:
+            try:
+                info.tls = listener_context(spec.tls)
+            except CertificateError as exc:
+                problems.append(ConfigProblem(source, f"listeners[{index}].tls.certificates", str(exc)))
+        listeners[spec.address] = info
+    if any(info.redirect_port for info in listeners.values()):
+        head.insert(0, HttpsRedirect())
+    if any(info.hsts for info in listeners.values()):
+        head.insert(0, StrictTransportSecurity())
+
     timeouts = config.timeouts
     routes = []
     for index, spec in enumerate(config.routes):
@@ -212,6 +230,7 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         fallback_route=fallback,
     )
     runtime.metrics = metrics
+    runtime.listeners = listeners
     runtime.health_table, runtime.checked = assign_health_table(runtime.upstream_groups)
     metrics.groups = runtime.upstream_groups
     runtime.periodic.append(metrics.flush)

@@ -39,9 +39,28 @@ def split_host_port(value: str, default_host: str = "0.0.0.0") -> tuple[str, int
     return host, int(port_text)
 
 
+class Certificate(Section):
+    cert: str = Field(description="PEM certificate chain file")
+    key: str = Field(description="PEM private key file")
+
+
+class Hsts(Section):
+    max_age: Duration = 31536000.0
+    include_subdomains: bool = False
+    preload: bool = False
+
+
+class ListenerTls(Section):
+    certificates: list[Certificate] = Field(min_length=1, description="chosen by SNI; the first is the default")
+    profile: Literal["intermediate", "modern"] = Field("intermediate", description="Mozilla's TLS profiles")
+    hsts: Hsts | None = None
+
+
 class Listener(Section):
     address: str = Field(description="host:port to listen on")
     name: str | None = None
+    tls: ListenerTls | None = None
+    redirect_https: bool | int = Field(False, description="answer 308 to https:// (true: port 443, or a port)")
 
     @model_validator(mode="before")
     @classmethod

@@ -64,6 +64,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "worker",
         "runtime",
+        "listener",
         "loop",
         "limits",
         "max_headers",
@@ -100,9 +101,11 @@ class ClientConnection(asyncio.Protocol):
         "out",
     )
 
-    def __init__(self, worker, runtime, scheme: str = "http"):
+    def __init__(self, worker, runtime, listener=None):
         self.worker = worker
         self.runtime = runtime
+        self.listener = listener
+        scheme = listener.scheme if listener is not None else "http"
         self.loop = worker.loop
         config = runtime.config
         self.limits = config.limits

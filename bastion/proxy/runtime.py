@@ -74,6 +74,7 @@ class Runtime:
     health_table: object = None
     checked: list = field(default_factory=list)
     metrics: object = None
+    listeners: dict = field(default_factory=dict)
 
     def tick(self, now: float) -> None:
         if self.health_table is not None:

@@ -175,7 +175,7 @@ class Master:
 
     def _spawn(self, generation: int) -> None:
         runtime = self.runtime
-        sockets = list(self.listen_sockets.values())
+        sockets = list(self.listen_sockets.items())
         admin = self.admin_socket
         master_pid = os.getpid()
 
@@ -287,9 +287,31 @@ class Master:
             self.admin_socket.close()
             self.admin_socket = None
 
+    def _certificate_files(self) -> dict[str, float]:
+        files = {}
+        for listener in self.runtime.config.listeners:
+            if listener.tls is not None:
+                for cert in listener.tls.certificates:
+                    for path in (cert.cert, cert.key):
+                        try:
+                            files[path] = os.stat(path).st_mtime
+                        except OSError:
+                            files[path] = -1.0
+        return files
+
     def _supervise(self) -> int:
         stop_deadline = None
+        cert_files = self._certificate_files()
+        next_cert_check = time.monotonic() + 2
         while True:
+            if not self.stopping and time.monotonic() >= next_cert_check:
+                # Renewed certificates are picked up without a manual reload.
+                next_cert_check = time.monotonic() + 2
+                current = self._certificate_files()
+                if current != cert_files:
+                    log.info("certificate files changed; reloading")
+                    self.reload()
+                    cert_files = self._certificate_files()
             if self.pending_signals:
                 signals, self.pending_signals = self.pending_signals, []
                 for sig in signals:

@@ -116,8 +116,11 @@ class Worker:
         # Discovered servers are looked up before the first request is accepted.
         discovery = Discovery(runtime)
         await discovery.start()
-        for sock in self.listen_sockets:
-            server = await loop.create_server(lambda: ClientConnection(self, runtime), sock=sock, backlog=4096)
+        for address, sock in self.listen_sockets:
+            listener = runtime.listeners.get(address)
+            context = listener.tls.default if listener is not None and listener.tls is not None else None
+            server = await loop.create_server(lambda listener=listener: ClientConnection(self, runtime, listener),
+                                              sock=sock, backlog=4096, ssl=context)
             self.servers.append(server)
         if self.admin_socket is not None:
             from bastion.admin.server import AdminConnection

@@ -21,23 +21,46 @@ def test_the_documented_examples_exist():
     assert {"quickstart.yaml", "proxy.yaml"} <= set(EXAMPLES)
 
 
+@pytest.fixture(scope="module")
+def cert_env(tmp_path_factory):
+    import trustme
+
+    folder = tmp_path_factory.mktemp("certs")
+    cert = trustme.CA().issue_cert("localhost", "127.0.0.1")
+    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
+    (folder / "cert.pem").write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    return {"BASTION_CERT": str(folder / "cert.pem"), "BASTION_KEY": str(folder / "key.pem"),
+            "BASTION_LISTEN_TLS": f"127.0.0.1:{free_port()}"}
+
+
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_example_passes_check(name):
+def test_example_passes_check(name, cert_env):
     result = subprocess.run([BASTION, "check", str(ROOT / "examples" / name)], capture_output=True, text=True, timeout=30,
-                            env=dict(os.environ, BASTION_CERT=str(ROOT / "examples" / name), BASTION_KEY="x"))
+                            env=dict(os.environ, **cert_env))
     assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("name", [n for n in EXAMPLES if n != "quickstart.yaml"])
-def test_example_runs_and_proxies(name, backend, tmp_path):
+def test_example_runs_and_proxies(name, backend, tmp_path, cert_env):
     port = free_port()
     env = dict(os.environ, BASTION_LISTEN=f"127.0.0.1:{port}", BASTION_UPSTREAM=backend.address, BASTION_WORKERS="1",
-               BASTION_UPSTREAMS=backend.address)
+               BASTION_UPSTREAMS=backend.address, **cert_env)
+    if name == "tls.yaml":
+        env["BASTION_REDIRECT_PORT"] = cert_env["BASTION_LISTEN_TLS"].rsplit(":", 1)[1]
     proc = subprocess.Popen([BASTION, "run", "-c", str(ROOT / "examples" / name)], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert wait_port(port, 15, proc), proc.stderr.read() if proc.poll() is not None else "not listening"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/echo/example", timeout=5) as r:
+        url = f"http://127.0.0.1:{port}/echo/example"
+        context = None
+        if name == "tls.yaml":
+            import ssl
+
+            context = ssl.create_default_context(cafile=None)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            url = f"https://{cert_env['BASTION_LISTEN_TLS']}/echo/example"  # the plain listener redirects here
+        with urllib.request.urlopen(url, timeout=5, context=context) as r:
             assert r.status == 200 and b'"name": "backend"' in r.read()
     finally:
         proc.terminate()

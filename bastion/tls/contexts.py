@@ -1,0 +1,112 @@
+"""TLS contexts for HTTPS listeners: certificates chosen by SNI (exact names and wildcards), Mozilla's
+"intermediate" or "modern" profile, session tickets on, and start-up errors that name the problem
+(missing or unreadable file, key that does not match, expired certificate)."""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from dataclasses import dataclass
+
+# Mozilla's "intermediate" TLS 1.2 cipher list (TLS 1.3 suites are OpenSSL's defaults).
+INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
+
+
+class CertificateError(ValueError):
+    pass
+
+
+@dataclass
+class LoadedCertificate:
+    context: ssl.SSLContext
+    names: list[str]  # DNS names (and the CN when there are none), lower case
+    not_after: datetime.datetime
+
+
+def _names(cert_pem: bytes) -> tuple[list[str], datetime.datetime]:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    names: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        names = [n.lower() for n in san.get_values_for_type(x509.DNSName)]
+        names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        pass
+    if not names:
+        names = [a.value.lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return names, cert.not_valid_after_utc
+
+
+def server_context(cert_file: str, key_file: str, profile: str) -> LoadedCertificate:
+    try:
+        with open(cert_file, "rb") as f:
+            pem = f.read()
+    except OSError as exc:
+        raise CertificateError(f"cannot read certificate {cert_file}: {exc.strerror or exc}") from None
+    try:
+        open(key_file, "rb").close()
+    except OSError as exc:
+        raise CertificateError(f"cannot read key {key_file}: {exc.strerror or exc}") from None
+    try:
+        names, not_after = _names(pem)
+    except ValueError as exc:
+        raise CertificateError(f"{cert_file} is not a PEM certificate: {exc}") from None
+    if not_after < datetime.datetime.now(datetime.timezone.utc):
+        raise CertificateError(f"certificate {cert_file} expired on {not_after:%Y-%m-%d %H:%M} UTC")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if profile == "modern":
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+    else:
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(INTERMEDIATE_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:
+        reason = "the key does not match the certificate" if "KEY_VALUES_MISMATCH" in str(exc) else str(exc)
+        raise CertificateError(f"{cert_file} / {key_file}: {reason}") from None
+    return LoadedCertificate(context, names, not_after)
+
+
+class SniContexts:
+    """The listener's default context, switching to the certificate that matches the client's SNI."""
+
+    def __init__(self, loaded: list[LoadedCertificate]):
+        self.default = loaded[0].context
+        self.exact: dict[str, ssl.SSLContext] = {}
+        self.wildcard: dict[str, ssl.SSLContext] = {}
+        for item in loaded:
+            for name in item.names:
+                if name.startswith("*."):
+                    self.wildcard.setdefault(name[2:], item.context)
+                else:
+                    self.exact.setdefault(name, item.context)
+        if len(loaded) > 1:
+            self.default.sni_callback = self._choose
+
+    def context_for(self, server_name: str | None) -> ssl.SSLContext:
+        if not server_name:
+            return self.default
+        name = server_name.lower()
+        found = self.exact.get(name)
+        if found is None:
+            _, _, parent = name.partition(".")
+            found = self.wildcard.get(parent, self.default)
+        return found
+
+    def _choose(self, ssl_object, server_name, context) -> None:
+        chosen = self.context_for(server_name)
+        if chosen is not context:
+            ssl_object.context = chosen
+
+
+def listener_context(tls) -> SniContexts:
+    return SniContexts([server_context(c.cert, c.key, tls.profile) for c in tls.certificates])
