@@ -37,14 +37,14 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None, h
 
 
 class Backend:
-    def __init__(self, name: str = "backend", host: str = "127.0.0.1", port: int | None = None):
+    def __init__(self, name: str = "backend", host: str = "127.0.0.1", port: int | None = None, extra: list | None = None):
         self.name = name
         self.host = host
         self.port = port or free_port()
         self.address = f"{host}:{self.port}"
         self.url = f"http://{self.address}"
         self.proc = subprocess.Popen(
-            [sys.executable, BACKEND, "--port", str(self.port), "--name", name, "--host", host],
+            [sys.executable, BACKEND, "--port", str(self.port), "--name", name, "--host", host, *(extra or [])],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         line = self.proc.stdout.readline()
@@ -95,8 +95,8 @@ def backend():
 def backend_factory():
     made = []
 
-    def make(name: str = "backend", host: str = "127.0.0.1", port: int | None = None) -> Backend:
-        b = Backend(name, host, port)
+    def make(name: str = "backend", host: str = "127.0.0.1", port: int | None = None, extra: list | None = None) -> Backend:
+        b = Backend(name, host, port, extra)
         made.append(b)
         return b
 

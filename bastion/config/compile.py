@@ -3,6 +3,8 @@ groups, and each route's filter chain compiled into per-phase tuples."""
 
 from __future__ import annotations
 
+import logging
+
 from bastion.config.loader import ConfigError, ConfigProblem, load_config
 from bastion.config.schema import Config, Route, Upstream
 from bastion.filters.answers import FixedResponse, Redirect
@@ -11,8 +13,8 @@ from bastion.filters.forwarding import ForwardingHeaders
 from bastion.filters.header_ops import RequestHeaders, ResponseHeaders
 from bastion.filters.rewrite import PathRewrite
 from bastion.filters.sticky import StickyCookieFilter
-from bastion.filters.tls import HttpsRedirect, ListenerInfo, StrictTransportSecurity
-from bastion.tls.contexts import CertificateError, listener_context
+from bastion.filters.tls import ClientCertificateHeaders, HttpsRedirect, ListenerInfo, StrictTransportSecurity
+from bastion.tls.contexts import CertificateError, listener_context, upstream_context
 from bastion.filters.trust import TrustedProxies
 from bastion.observability.accesslog import AccessLog
 from bastion.observability.metrics import Metrics
@@ -27,10 +29,20 @@ from bastion.upstream.pool import Peer, UpstreamGroup
 
 
 def _group(name: str, spec: Upstream, hidden: frozenset) -> UpstreamGroup:
-    def new_peer(t) -> Peer:
+    tls_context = None
+    if any(server.tls for server in spec.servers):
+        tls_context = upstream_context(spec.tls)
+        if spec.tls is not None and spec.tls.insecure_skip_verify:
+            logging.getLogger("bastion.config").warning(
+                "upstream %s: insecure_skip_verify is on: backend certificates are not verified", name)
+
+    def new_peer(t, tls: bool = False) -> Peer:
         peer = Peer(t.host, t.port, t.weight, spec.keepalive.max_idle, spec.keepalive.idle_timeout, hidden,
                     backup=t.backup, drain=t.drain)
         peer.region, peer.zone = t.region, t.zone
+        if tls:
+            peer.tls = tls_context
+            peer.server_name = (spec.tls.server_name if spec.tls is not None and spec.tls.server_name else None) or t.host
         return peer
 
     peers = []
@@ -42,9 +54,9 @@ def _group(name: str, spec: Upstream, hidden: frozenset) -> UpstreamGroup:
         host, port = server.host_port
         if host == "localhost":
             host = "127.0.0.1"
-        if is_ip(host):
+        if is_ip(host) or server.tls:
             peers.append(new_peer(Target(host, port, server.weight, server.backup, server.drain, server.region,
-                                         server.zone)))
+                                         server.zone), server.tls))
         else:
             sources.append(NameSource(host, port, server.weight, server.backup, server.drain, server.region, server.zone))
     if spec.servers_file:
@@ -127,7 +139,10 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
                 problems.append(ConfigProblem(source, "locality", f"cannot set up client locality: {exc}"))
         return group
 
-    groups = {name: make_group(name, spec) for name, spec in config.upstreams.items()}
+    try:
+        groups = {name: make_group(name, spec) for name, spec in config.upstreams.items()}
+    except CertificateError as exc:
+        raise ConfigError([ConfigProblem(source, "upstreams", str(exc))]) from None
 
     # Filters every route gets, in this order: our Server header (if configured), forwarding headers,
     # the global user filters; then the route's own; the log phase ends with the access log and metrics.
@@ -161,6 +176,10 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         head.insert(0, HttpsRedirect())
     if any(info.hsts for info in listeners.values()):
         head.insert(0, StrictTransportSecurity())
+    cert_headers = {h.encode() for spec in config.listeners if spec.tls is not None and spec.tls.client_auth is not None
+                    for h in (spec.tls.client_auth.subject_header, spec.tls.client_auth.fingerprint_header) if h}
+    if cert_headers:
+        head.append(ClientCertificateHeaders(cert_headers))
 
     timeouts = config.timeouts
     routes = []

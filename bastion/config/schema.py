@@ -50,10 +50,26 @@ class Hsts(Section):
     preload: bool = False
 
 
+class ClientAuth(Section):
+    mode: Literal["optional", "required"] = "required"
+    ca: str = Field(description="PEM file of the CA(s) that client certificates must chain to")
+    subject_header: str | None = Field("X-Client-Subject", description="passes the verified subject to backends")
+    fingerprint_header: str | None = Field("X-Client-Fingerprint", description="passes the SHA-256 fingerprint")
+
+
 class ListenerTls(Section):
     certificates: list[Certificate] = Field(min_length=1, description="chosen by SNI; the first is the default")
     profile: Literal["intermediate", "modern"] = Field("intermediate", description="Mozilla's TLS profiles")
     hsts: Hsts | None = None
+    client_auth: ClientAuth | None = None
+
+
+class UpstreamTls(Section):
+    ca: str | None = Field(None, description="PEM CA file to verify backends with; default: the system's")
+    server_name: str | None = Field(None, description="SNI and the name checked; default: the server's host")
+    client_cert: str | None = Field(None, description="certificate Bastion presents to backends (mTLS)")
+    client_key: str | None = None
+    insecure_skip_verify: bool = Field(False, description="development only: no verification at all")
 
 
 class Listener(Section):
@@ -162,16 +178,25 @@ class Server(Section):
         if value is None:
             return None
         text = value.strip()
+        scheme = ""
         if text.startswith("http://"):
             text = text[len("http://") :].rstrip("/")
+        elif text.startswith("https://"):
+            scheme, text = "https://", text[len("https://") :].rstrip("/")
+            if not re.search(r":\d+$", text):
+                text += ":443"
         elif "://" in text:
-            raise ValueError(f"{value!r}: only plain http:// upstreams are supported so far")
+            raise ValueError(f"{value!r}: upstream servers are http:// or https://")
         split_host_port(text, "127.0.0.1")
-        return text
+        return scheme + text
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.address and self.address.startswith("https://"))
 
     @property
     def host_port(self) -> tuple[str, int]:
-        return split_host_port(self.address, "127.0.0.1")
+        return split_host_port(self.address.removeprefix("https://"), "127.0.0.1")
 
 
 class Keepalive(Section):
@@ -278,6 +303,7 @@ class Upstream(Section):
     retries: Retries = Retries()
     limits: UpstreamLimits = UpstreamLimits()
     locality: UpstreamLocality | None = None
+    tls: UpstreamTls | None = Field(None, description="settings for https:// servers")
 
     @model_validator(mode="after")
     def _one_primary(self):

@@ -10,6 +10,7 @@ configured size limits. Any of these gets a 4xx, `Connection: close`, and nothin
 from __future__ import annotations
 
 import asyncio
+import ssl
 from time import monotonic
 import logging
 from collections import deque
@@ -65,6 +66,7 @@ class ClientConnection(asyncio.Protocol):
         "worker",
         "runtime",
         "listener",
+        "tls_client",
         "loop",
         "limits",
         "max_headers",
@@ -105,6 +107,7 @@ class ClientConnection(asyncio.Protocol):
         self.worker = worker
         self.runtime = runtime
         self.listener = listener
+        self.tls_client = False  # the verified client certificate's (subject, fingerprint), once asked
         scheme = listener.scheme if listener is not None else "http"
         self.loop = worker.loop
         config = runtime.config
@@ -141,6 +144,14 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel_pending: list | None = None
         self.upgrading = False
         self.out: list | None = None
+
+    def client_certificate(self):
+        """(subject, SHA-256 fingerprint) of the client's verified certificate, or None; read once."""
+        if self.tls_client is False:
+            from bastion.tls.contexts import client_certificate_info
+
+            self.tls_client = client_certificate_info(self.transport.get_extra_info("ssl_object"))
+        return self.tls_client
 
     # -- output ---------------------------------------------------------------------------------------------
     # While the backend's bytes are being parsed, everything for the client is collected in `out` and
@@ -550,15 +561,21 @@ class ClientConnection(asyncio.Protocol):
     async def _open(self, ex, peer) -> None:
         route = ex.route
         try:
-            _, up = await asyncio.wait_for(
-                self.loop.create_connection(lambda: UpstreamConnection(peer), peer.host, peer.port),
-                route.connect_timeout,
-            )
+            if peer.tls is None:
+                connecting = self.loop.create_connection(lambda: UpstreamConnection(peer), peer.host, peer.port)
+            else:
+                connecting = self.loop.create_connection(lambda: UpstreamConnection(peer), peer.host, peer.port,
+                                                         ssl=peer.tls, server_hostname=peer.server_name)
+            _, up = await asyncio.wait_for(connecting, route.connect_timeout)
         except asyncio.TimeoutError:
             self._upstream_error(ex, 504, "connect_timeout")
             return
         except ConnectionRefusedError:
             self._upstream_error(ex, 502, "connect_refused")
+            return
+        except ssl.SSLError as exc:
+            log.warning("TLS to %s failed: %s", peer.address, exc)
+            self._upstream_error(ex, 502, "tls_error")
             return
         except OSError as exc:
             log.info("connecting to %s failed: %s", peer.address, exc)

@@ -13,7 +13,7 @@ from time import monotonic
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 UPSTREAM_ERRORS = frozenset(
     {"connect_refused", "connect_error", "connect_timeout", "upstream_reset", "upstream_reset_midway",
-     "upstream_timeout", "invalid_response", "no_server", "circuit_open"}
+     "upstream_timeout", "invalid_response", "no_server", "circuit_open", "tls_error"}
 )
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 

@@ -154,6 +154,7 @@ RETRY_KINDS = {
     "connect_refused": "connect_failure",
     "connect_error": "connect_failure",
     "connect_timeout": "connect_failure",
+    "tls_error": "connect_failure",
     "upstream_reset": "reset",
     "upstream_timeout": "timeout",
 }

@@ -44,7 +44,7 @@ def _names(cert_pem: bytes) -> tuple[list[str], datetime.datetime]:
     return names, cert.not_valid_after_utc
 
 
-def server_context(cert_file: str, key_file: str, profile: str) -> LoadedCertificate:
+def server_context(cert_file: str, key_file: str, profile: str, client_auth=None) -> LoadedCertificate:
     try:
         with open(cert_file, "rb") as f:
             pem = f.read()
@@ -73,6 +73,12 @@ def server_context(cert_file: str, key_file: str, profile: str) -> LoadedCertifi
     except ssl.SSLError as exc:
         reason = "the key does not match the certificate" if "KEY_VALUES_MISMATCH" in str(exc) else str(exc)
         raise CertificateError(f"{cert_file} / {key_file}: {reason}") from None
+    if client_auth is not None:
+        try:
+            context.load_verify_locations(client_auth.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise CertificateError(f"cannot load client CA {client_auth.ca}: {exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED if client_auth.mode == "required" else ssl.CERT_OPTIONAL
     return LoadedCertificate(context, names, not_after)
 
 
@@ -109,4 +115,36 @@ class SniContexts:
 
 
 def listener_context(tls) -> SniContexts:
-    return SniContexts([server_context(c.cert, c.key, tls.profile) for c in tls.certificates])
+    return SniContexts([server_context(c.cert, c.key, tls.profile, tls.client_auth) for c in tls.certificates])
+
+
+def upstream_context(settings) -> ssl.SSLContext:
+    """The context Bastion uses towards https:// backends: verification on (system CAs or `ca`), host
+    name checked, an optional client certificate for mTLS."""
+    context = ssl.create_default_context(cafile=settings.ca if settings is not None and settings.ca else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    if settings is not None and settings.client_cert:
+        try:
+            context.load_cert_chain(settings.client_cert, settings.client_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise CertificateError(f"cannot load client certificate {settings.client_cert}: {exc}") from None
+    if settings is not None and settings.insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def client_certificate_info(ssl_object) -> tuple[bytes, bytes] | None:
+    """(subject, SHA-256 fingerprint) of the verified client certificate, or None."""
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return None
+    import hashlib
+
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(der)
+    return cert.subject.rfc4514_string().encode("latin-1", "replace"), hashlib.sha256(der).hexdigest().encode()

@@ -32,7 +32,7 @@ class Peer:
         "host", "port", "address", "address_bytes", "weight", "eff_weight", "max_idle", "idle_timeout", "idle",
         "connections", "response_special", "backup", "drain", "index", "active_ok", "ejected_until", "ejections",
         "fails", "fives", "last_failure", "up_since", "ramp_until", "active", "ewma", "ewma_at", "total_ejections",
-        "region", "zone", "window_requests", "window_failures",
+        "region", "zone", "window_requests", "window_failures", "tls", "server_name",
     )
 
     def __init__(self, host: str, port: int, weight: int, max_idle: int, idle_timeout: float,
@@ -59,6 +59,8 @@ class Peer:
         self.total_ejections = 0
         self.region: str | None = None
         self.zone: str | None = None
+        self.tls = None  # an ssl.SSLContext for https:// servers
+        self.server_name: str | None = None
         self.window_requests = 0  # for error-rate ejection, reset every error_rate_window
         self.window_failures = 0
         self.fails = 0

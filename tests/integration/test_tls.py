@@ -154,3 +154,71 @@ def test_certificate_files_changing_are_picked_up(bastion, backend, ca, tmp_path
         assert time.monotonic() < deadline, b.stderr()
         time.sleep(0.3)
     assert "certificate files changed" in b.stderr()
+
+
+def client_cert_files(ca, tmp_path, name):
+    cert = ca.issue_cert(f"{name}@example.com", common_name=name)
+    cert_file, key_file = tmp_path / f"client-{name}.pem", tmp_path / f"client-{name}.key"
+    cert.private_key_pem.write_to_path(str(key_file))
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    return str(cert_file), str(key_file)
+
+
+def test_client_certificates_required_optional_and_passed_on(bastion, backend, ca, tmp_path):
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    alice = client_cert_files(ca, tmp_path, "alice")
+    stranger_ca = trustme.CA()
+    mallory = client_cert_files(stranger_ca, tmp_path, "mallory")
+
+    def get(port, cert=None, headers=None):
+        ctx = client_context(ca)
+        ctx.check_hostname = False
+        if cert:
+            ctx.load_cert_chain(*cert)
+        req = urllib.request.Request(f"https://127.0.0.1:{port}/echo", headers=headers or {})
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+            return {k.lower(): v for k, v in json.loads(r.read())["headers"]}
+
+    required, optional = free_port(), free_port()
+    config = tls_config(tmp_path, ca, backend, required, client_auth={"mode": "required", "ca": str(ca_file)})
+    opt = tls_config(tmp_path, ca, backend, optional, client_auth={"mode": "optional", "ca": str(ca_file)})
+    config["listeners"] += opt["listeners"]
+    bastion(config)
+    seen = get(required, alice, {"X-Client-Subject": "CN=admin"})
+    assert seen["x-client-subject"].startswith("CN=alice,") and len(seen["x-client-fingerprint"]) == 64
+    with pytest.raises(OSError):
+        get(required)  # no certificate
+    with pytest.raises(OSError):
+        get(required, mallory)  # a certificate from another CA
+    seen = get(optional, headers={"X-Client-Subject": "CN=admin", "X-Client-Fingerprint": "00"})
+    assert "x-client-subject" not in seen and "x-client-fingerprint" not in seen  # forged headers are dropped
+    assert get(optional, alice)["x-client-subject"].startswith("CN=alice,")
+
+
+def test_https_to_backends_verified_with_sni_and_client_certificate(bastion, backend_factory, ca, tmp_path):
+    server = write_cert(ca, tmp_path, "backend", "backend.internal")
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    bastion_client = client_cert_files(ca, tmp_path, "bastion")
+    secure = backend_factory("secure", extra=["--cert", server[0], "--key", server[1], "--client-ca", str(ca_file)])
+    base = {"servers": [f"https://{secure.address}"]}
+    good = bastion({"upstreams": {"app": {**base, "tls": {"ca": str(ca_file), "server_name": "backend.internal",
+                                                          "client_cert": bastion_client[0], "client_key": bastion_client[1]}}},
+                    "routes": [{"upstream": "app"}]})
+    with urllib.request.urlopen(good.url + "/echo", timeout=10) as r:
+        assert json.loads(r.read())["name"] == "secure"
+    # the wrong name is refused (verification is on by default)
+    wrong = bastion({"upstreams": {"app": {**base, "tls": {"ca": str(ca_file), "server_name": "other.internal",
+                                                           "client_cert": bastion_client[0], "client_key": bastion_client[1]}}},
+                     "routes": [{"upstream": "app"}]})
+    with pytest.raises(urllib.error.HTTPError) as failure:
+        urllib.request.urlopen(wrong.url + "/echo", timeout=10)
+    assert failure.value.code == 502 and wrong.wait_access_log(1)[-1]["error"] == "tls_error"
+    # insecure_skip_verify connects anyway, and says so at start-up
+    lax = bastion({"upstreams": {"app": {**base, "tls": {"insecure_skip_verify": True, "client_cert": bastion_client[0],
+                                                         "client_key": bastion_client[1]}}},
+                   "routes": [{"upstream": "app"}]})
+    with urllib.request.urlopen(lax.url + "/echo", timeout=10) as r:
+        assert r.status == 200
+    assert "insecure_skip_verify is on" in lax.stderr()

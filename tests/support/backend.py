@@ -151,12 +151,24 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", default="backend")
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--cert", help="serve HTTPS with this PEM chain")
+    parser.add_argument("--key")
+    parser.add_argument("--client-ca", help="require client certificates from this CA")
     args = parser.parse_args()
 
     async def serve():
         runner = web.AppRunner(make_app(args.name), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, args.host, args.port)
+        context = None
+        if args.cert:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(args.cert, args.key)
+            if args.client_ca:
+                context.load_verify_locations(args.client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
+        site = web.TCPSite(runner, args.host, args.port, ssl_context=context)
         await site.start()
         print("ready", flush=True)
         await asyncio.Event().wait()
