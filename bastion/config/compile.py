@@ -14,7 +14,8 @@ from bastion.filters.header_ops import RequestHeaders, ResponseHeaders
 from bastion.filters.rewrite import PathRewrite
 from bastion.filters.sticky import StickyCookieFilter
 from bastion.filters.tls import ClientCertificateHeaders, HttpsRedirect, ListenerInfo, StrictTransportSecurity
-from bastion.tls.contexts import CertificateError, listener_context, upstream_context
+from bastion.filters.acme import AcmeChallenge
+from bastion.tls.contexts import CertificateError, certificate_files, listener_context, upstream_context
 from bastion.filters.trust import TrustedProxies
 from bastion.observability.accesslog import AccessLog
 from bastion.observability.metrics import Metrics
@@ -164,16 +165,27 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
     # Listeners: TLS contexts (certificates checked now, so a bad one is a start-up error), and the
     # listener-level behaviours, which are filters like everything else.
     listeners = {}
+    acme_names: list[list[str]] = []
+    cert_files: list[str] = []
     for index, spec in enumerate(config.listeners):
         info = ListenerInfo(spec)
         if spec.tls is not None:
             try:
-                info.tls = listener_context(spec.tls)
+                info.tls = listener_context(spec.tls, config.acme)
             except CertificateError as exc:
                 problems.append(ConfigProblem(source, f"listeners[{index}].tls.certificates", str(exc)))
+            for c in spec.tls.certificates:
+                if c.acme is not None:
+                    acme_names.append(list(c.acme))
+                try:
+                    cert_files.extend(certificate_files(c, config.acme))  # watched for changes by the master
+                except CertificateError:
+                    pass  # already reported above
         listeners[spec.address] = info
     if any(info.redirect_port for info in listeners.values()):
         head.insert(0, HttpsRedirect())
+    if acme_names:
+        head.insert(0, AcmeChallenge(config.acme.storage))  # answered before any redirect to HTTPS
     if any(info.hsts for info in listeners.values()):
         head.insert(0, StrictTransportSecurity())
     cert_headers = {h.encode() for spec in config.listeners if spec.tls is not None and spec.tls.client_auth is not None
@@ -250,6 +262,8 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
     )
     runtime.metrics = metrics
     runtime.listeners = listeners
+    runtime.acme_names = acme_names
+    runtime.cert_files = cert_files
     runtime.health_table, runtime.checked = assign_health_table(runtime.upstream_groups)
     metrics.groups = runtime.upstream_groups
     runtime.periodic.append(metrics.flush)

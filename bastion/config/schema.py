@@ -40,8 +40,37 @@ def split_host_port(value: str, default_host: str = "0.0.0.0") -> tuple[str, int
 
 
 class Certificate(Section):
-    cert: str = Field(description="PEM certificate chain file")
-    key: str = Field(description="PEM private key file")
+    cert: str | None = Field(None, description="PEM certificate chain file")
+    key: str | None = Field(None, description="PEM private key file")
+    acme: list[str] | None = Field(None, description="host names to get a certificate for over ACME")
+
+    @field_validator("acme", mode="before")
+    @classmethod
+    def _names(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _files_or_acme(self):
+        if self.acme is not None:
+            if self.cert or self.key:
+                raise ValueError("give cert and key, or acme, not both")
+            if not self.acme:
+                raise ValueError("acme needs at least one host name")
+        elif not (self.cert and self.key):
+            raise ValueError("give both cert and key (or acme: [names])")
+        return self
+
+
+class Acme(Section):
+    directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    email: str | None = None
+    storage: str = Field("/var/lib/bastion/acme", description="account key, certificates, pending challenges")
+    ca_file: str | None = Field(None, description="CA to trust for the ACME server's own HTTPS (test servers)")
+    renew_before: Duration = 30 * 86400.0
+    timeout: Duration = 90.0
+    check_interval: Duration = 60.0
+    retry_initial: Duration = 10.0
+    retry_max: Duration = 3600.0
 
 
 class Hsts(Section):
@@ -563,6 +592,7 @@ class Config(Section):
     proxy: ProxySettings = ProxySettings()
     resolver: Resolver = Resolver()
     locality: ClientLocality = ClientLocality()
+    acme: Acme | None = None
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     upstreams: dict[str, Upstream] = {}

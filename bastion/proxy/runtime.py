@@ -75,6 +75,8 @@ class Runtime:
     checked: list = field(default_factory=list)
     metrics: object = None
     listeners: dict = field(default_factory=dict)
+    acme_names: list = field(default_factory=list)
+    cert_files: list = field(default_factory=list)
 
     def tick(self, now: float) -> None:
         if self.health_table is not None:

@@ -62,6 +62,7 @@ class Master:
         self.admin_address: str | None = None
         self.workers: dict[int, int] = {}  # pid -> generation
         self.checkers: dict[int, int] = {}  # health checker pid -> generation
+        self.acme_managers: dict[int, int] = {}  # ACME manager pid -> generation
         self.generation = 0
         self.stopping = False
         self.fast = False
@@ -99,6 +100,7 @@ class Master:
         for _ in range(n):
             self._spawn(self.generation)
         self._spawn_checker(self.generation)
+        self._spawn_acme(self.generation)
         listening = ", ".join(self.listen_sockets)
         log.info("bastion %s listening on %s with %d worker%s%s", _version(), listening, n, "s" if n != 1 else "",
                  f", admin on {self.admin_address}" if self.admin_address else "")
@@ -202,6 +204,22 @@ class Master:
 
         self.checkers[self._fork(checker_main)] = generation
 
+    def _spawn_acme(self, generation: int) -> None:
+        """One ACME manager per node and generation, when listeners ask for ACME certificates."""
+        runtime = self.runtime
+        if not runtime.acme_names:
+            return
+        sockets = list(self.listen_sockets.values()) + ([self.admin_socket] if self.admin_socket else [])
+
+        def acme_main() -> int:
+            for sock in sockets:
+                sock.close()
+            from bastion.tls.acme import run_manager
+
+            return run_manager(runtime.config.acme, runtime.acme_names)
+
+        self.acme_managers[self._fork(acme_main)] = generation
+
     def _reap(self) -> None:
         while True:
             try:
@@ -216,6 +234,13 @@ class Master:
                     log.error("health checker %d exited unexpectedly; starting a new one", pid)
                     time.sleep(0.5)
                     self._spawn_checker(self.generation)
+                continue
+            if pid in self.acme_managers:
+                generation = self.acme_managers.pop(pid)
+                if generation == self.generation and not self.stopping:
+                    log.error("acme manager %d exited unexpectedly; starting a new one", pid)
+                    time.sleep(0.5)
+                    self._spawn_acme(self.generation)
                 continue
             generation = self.workers.pop(pid, None)
             if generation is None:
@@ -264,10 +289,12 @@ class Master:
         configure_logging(runtime.config.log)
         old = [pid for pid, gen in self.workers.items() if gen == self.generation]
         old += [pid for pid, gen in self.checkers.items() if gen == self.generation]
+        old += [pid for pid, gen in self.acme_managers.items() if gen == self.generation]
         self.generation += 1
         for _ in range(worker_count(runtime.config)):
             self._spawn(self.generation)
         self._spawn_checker(self.generation)
+        self._spawn_acme(self.generation)
         for pid in old:
             _signal(pid, signal.SIGTERM)
         self.respawn_delay = 0.5
@@ -278,7 +305,7 @@ class Master:
             return
         self.stopping = True
         self.fast = self.fast or fast
-        for pid in list(self.workers) + list(self.checkers):
+        for pid in list(self.workers) + list(self.checkers) + list(self.acme_managers):
             _signal(pid, signal.SIGINT if fast else signal.SIGTERM)
         for sock in self.listen_sockets.values():
             sock.close()
@@ -289,14 +316,11 @@ class Master:
 
     def _certificate_files(self) -> dict[str, float]:
         files = {}
-        for listener in self.runtime.config.listeners:
-            if listener.tls is not None:
-                for cert in listener.tls.certificates:
-                    for path in (cert.cert, cert.key):
-                        try:
-                            files[path] = os.stat(path).st_mtime
-                        except OSError:
-                            files[path] = -1.0
+        for path in self.runtime.cert_files:
+            try:
+                files[path] = os.stat(path).st_mtime
+            except OSError:
+                files[path] = -1.0
         return files
 
     def _supervise(self) -> int:
@@ -330,11 +354,11 @@ class Master:
                         self._stop(fast=True)
                         stop_deadline = time.monotonic() + 5
             self._reap()
-            if self.stopping and not self.workers and not self.checkers:
+            if self.stopping and not self.workers and not self.checkers and not self.acme_managers:
                 log.info("stopped")
                 return 0
             if stop_deadline is not None and time.monotonic() > stop_deadline:
-                for pid in list(self.workers) + list(self.checkers):
+                for pid in list(self.workers) + list(self.checkers) + list(self.acme_managers):
                     _signal(pid, signal.SIGKILL)
                 stop_deadline = time.monotonic() + 5
             try:

@@ -114,8 +114,27 @@ class SniContexts:
             ssl_object.context = chosen
 
 
-def listener_context(tls) -> SniContexts:
-    return SniContexts([server_context(c.cert, c.key, tls.profile, tls.client_auth) for c in tls.certificates])
+def certificate_files(certificate, acme_settings) -> tuple[str, str]:
+    """The (cert, key) files of a configured certificate; for ACME ones, where the manager keeps them
+    (a self-signed placeholder is written until the first issuance)."""
+    if certificate.acme is None:
+        return certificate.cert, certificate.key
+    if acme_settings is None:
+        raise CertificateError("acme certificates need the top-level `acme` section")
+    from bastion.tls.acme import ensure_placeholder
+
+    try:
+        return ensure_placeholder(acme_settings.storage, certificate.acme)
+    except OSError as exc:
+        raise CertificateError(f"cannot write to acme storage {acme_settings.storage}: {exc.strerror or exc}") from None
+
+
+def listener_context(tls, acme_settings=None) -> SniContexts:
+    loaded = []
+    for c in tls.certificates:
+        cert, key = certificate_files(c, acme_settings)
+        loaded.append(server_context(cert, key, tls.profile, tls.client_auth))
+    return SniContexts(loaded)
 
 
 def upstream_context(settings) -> ssl.SSLContext:
