@@ -236,6 +236,7 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         rt = spec.timeouts
         route.connect_timeout = rt.connect if rt.connect is not None else timeouts.connect
         route.read_timeout = rt.upstream_read if rt.upstream_read is not None else timeouts.upstream_read
+        route.try_timeout = (route.upstream.per_try_timeout if route.upstream is not None else None) or route.read_timeout
         route.client_body_timeout = rt.client_body if rt.client_body is not None else timeouts.client_body
         route.websocket_idle = rt.websocket_idle if rt.websocket_idle is not None else timeouts.websocket_idle
         route.body_limit = spec.limits.body if spec.limits.body is not None else config.limits.body

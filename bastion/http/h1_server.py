@@ -170,19 +170,6 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.transport.writelines(parts)
 
-    def begin_batch(self) -> list:
-        self.out = out = []
-        return out
-
-    def end_batch(self, out: list) -> None:
-        if self.out is out:
-            self.out = None
-        if out and not self.closed:
-            if len(out) == 1:
-                self.transport.write(out[0])
-            else:
-                self.transport.write(b"".join(out))
-
     def _flush(self) -> None:
         out = self.out
         if out is not None:
@@ -597,7 +584,7 @@ class ClientConnection(asyncio.Protocol):
         if not now:
             now = monotonic()
         ex.upstream_start = now
-        up.read_timeout = ex.route.upstream.per_try_timeout or ex.route.read_timeout
+        up.read_timeout = ex.route.try_timeout
         up.deadline = now + up.read_timeout
         head = ex.upstream_head
         if head is None:
@@ -730,7 +717,10 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_ready = False
         now = monotonic()
         ex.upstream_time = now - ex.upstream_start
-        up.detach()
+        up.owner = None
+        up.deadline = 0.0
+        if up.paused:
+            up.resume()
         if ex.attempting:
             ex.attempting = False
             peer = ex.peer
@@ -880,7 +870,8 @@ class ClientConnection(asyncio.Protocol):
             self._resume(PAUSE_PIPELINE)
             engine.start(self, nxt, self.runtime)
             return
-        self._resume(PAUSE_PIPELINE)
+        if self.paused:
+            self._resume(PAUSE_PIPELINE)
         if self.worker.draining and self.parsing is None:
             self.lingering_close()
             return

@@ -117,7 +117,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             owner.tunnel_from_upstream(data)
             return
-        out = owner.begin_batch()
+        # Everything for the client while this read is parsed leaves in one write (see ClientConnection.out).
+        owner.out = out = []
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -136,7 +137,10 @@ class UpstreamConnection(asyncio.Protocol):
                 if self.head_bytes > MAX_RESPONSE_HEAD:
                     self.fail("invalid_response")
         finally:
-            owner.end_batch(out)
+            if owner.out is out:
+                owner.out = None
+            if out and not owner.closed:
+                owner.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     # -- httptools callbacks ---------------------------------------------------------------------------
     def on_message_begin(self):
@@ -209,7 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
         owner = self.owner
         if owner is None or not self.head_done or self.status == 101 or self.head_request:
             return
-        owner.upstream_complete(self, reusable=self.keep_alive)
+        owner.upstream_complete(self, self.keep_alive)
 
     # -- used by the client side ------------------------------------------------------------------------
     def detach(self) -> None:

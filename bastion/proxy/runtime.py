@@ -23,6 +23,7 @@ class CompiledRoute:
         "on_log",
         "connect_timeout",
         "read_timeout",
+        "try_timeout",
         "client_body_timeout",
         "websocket_idle",
         "body_limit",
@@ -45,6 +46,7 @@ class CompiledRoute:
         self.on_log: tuple = ()
         self.connect_timeout = 5.0
         self.read_timeout = 60.0
+        self.try_timeout = 60.0  # read timeout of one try: the upstream's per_try_timeout, else read_timeout
         self.client_body_timeout = 60.0
         self.websocket_idle = 3600.0
         self.body_limit = 0
