@@ -66,10 +66,6 @@ class Worker:
     def tunnel_closed(self, conn) -> None:
         self.tunnels -= 1
 
-    def count_upstream_error(self, ex, reason: str) -> None:
-        """Upstream errors are counted by the metrics filter in the log phase; kept for a log line."""
-        log.debug("upstream error %s for %s", reason, ex.request_id)
-
     # -- lifecycle ----------------------------------------------------------------------------------------
     def run(self) -> int:
         _die_with_parent()
