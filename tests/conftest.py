@@ -17,6 +17,7 @@ import yaml
 
 from tests.support.ports import free_port
 from tests.support.raw import RecordingServer
+from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BASTION = str(Path(sys.executable).parent / "bastion")
@@ -144,6 +145,14 @@ def dnsmasq_factory(tmp_path):
     yield make
     for d in made:
         d.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One real redis-server for the session; tests flush it (`redis_server.flush()`) as they need."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture

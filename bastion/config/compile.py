@@ -112,6 +112,7 @@ def _phase_tuples(route: CompiledRoute) -> None:
     route.on_request = phase_methods(route.filters, "request_filter")
     route.on_upstream_request = phase_methods(route.filters, "upstream_request_filter")
     route.on_response = phase_methods(route.filters, "response_filter")
+    route.on_response_body = phase_methods(route.filters, "response_body_filter")
     route.on_log = phase_methods(route.filters, "logging")
 
 

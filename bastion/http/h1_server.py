@@ -665,7 +665,12 @@ class ClientConnection(asyncio.Protocol):
                 return
         ex.status = status
         ex.response_headers_raw = headers
-        engine.run_response_filters(ex)
+        if engine.run_response_filters(ex) is not None:
+            # A filter answered in place of the backend (its Response is in ex.replacement): the backend's
+            # body is read and dropped, and the replacement goes out when that body is over.
+            return
+        if framing == FRAMING_LENGTH and ex.route.on_response_body and not _has_content_length(ex.response_headers_raw):
+            framing = FRAMING_CHUNKED  # a body filter changes the length
         if framing == FRAMING_NONE or ex.method == b"HEAD":
             chunked = False
         elif framing == FRAMING_CHUNKED or framing == FRAMING_CLOSE:
@@ -701,6 +706,14 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_body(self, body: bytes) -> None:
         ex = self.active
+        if ex.route.on_response_body:
+            if ex.replacement is not None:
+                return
+            body = engine.run_body_filters(ex, body, False)
+            if not body:
+                return
+        elif ex.replacement is not None:
+            return
         ex.bytes_out += len(body)
         if self.resp_chunked:
             self._sendv((b"%x\r\n" % len(body), body, b"\r\n"))
@@ -711,6 +724,14 @@ class ClientConnection(asyncio.Protocol):
         ex = self.active
         if ex is None or up is not self.upstream:
             return
+        if ex.route.on_response_body and ex.replacement is None and self.resp_started:
+            tail = engine.run_body_filters(ex, b"", True)
+            if tail and ex.method != b"HEAD":
+                ex.bytes_out += len(tail)
+                if self.resp_chunked:
+                    self._sendv((b"%x\r\n" % len(tail), tail, b"\r\n"))
+                else:
+                    self._send(tail)
         if self.resp_chunked:
             self._send(_CHUNK_END)
         self.upstream = None
@@ -739,6 +760,9 @@ class ClientConnection(asyncio.Protocol):
             # The backend answered before the body was in; the rest of it is not worth reading.
             self.close_after = True
             ex.discard_body = True
+        if ex.replacement is not None:
+            self.write_local_response(ex, ex.replacement.body)
+            return
         self._end_exchange(ex, now)
 
     def upstream_failed(self, up, reason: str) -> None:
@@ -780,8 +804,15 @@ class ClientConnection(asyncio.Protocol):
                     engine.begin_attempt(ex, peer, group)
                     self._connect_or_attach(ex, peer)
                     return
-        ex.error = reason
         ex.upstream_time = now - ex.upstream_start if ex.upstream_start else None
+        if ex.replacement is not None and not self.resp_started:
+            # The head that was replaced arrived; only its (dropped) body failed: the replacement stands.
+            if not ex.request_complete:
+                self.close_after = True
+                ex.discard_body = True
+            self.write_local_response(ex, ex.replacement.body)
+            return
+        ex.error = reason
         if self.resp_started:
             # Part of the response is out: the only honest signal left is to cut the connection.
             if self.out is not None:
@@ -982,6 +1013,13 @@ class ClientConnection(asyncio.Protocol):
                 # A request may be in flight towards us: give it a moment before closing.
                 self.deadline = min(self.deadline or now + 1.0, now + 1.0)
                 self.deadline_kind = DL_IDLE
+
+
+def _has_content_length(headers) -> bool:
+    for name, _ in headers:
+        if len(name) == 14 and name.lower() == b"content-length":
+            return True
+    return False
 
 
 def _parser_reason(exc: Exception) -> str:

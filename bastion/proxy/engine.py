@@ -131,7 +131,7 @@ def respond(conn, ex, response: Response) -> None:
     """Answer with a response Bastion made (a filter's, a redirect, an error page)."""
     ex.status = response.status
     ex.response_headers_raw = list(response.headers.raw)
-    run_response_filters(ex)
+    run_response_filters(ex, False)
     conn.write_local_response(ex, response.body)
 
 
@@ -214,15 +214,38 @@ def retry_after(group) -> int:
     return 1
 
 
-def run_response_filters(ex) -> None:
+def run_response_filters(ex, replaceable: bool = True) -> Response | None:
+    """The response phase. For a backend's response (`replaceable`), a filter may answer with a Response in
+    its place: it is returned and kept in `ex.replacement`, and later filters see it. Bastion's own answers
+    are not replaced."""
     route = ex.route
     if route is None:
-        return
+        return None
+    replacement = None
     for f in route.on_response:
         try:
-            f(ex)
+            result = f(ex)
         except Exception:
             log.exception("response_filter %r failed", f)
+            continue
+        if replaceable and result is not None and isinstance(result, Response):
+            replacement = ex.replacement = result
+            ex.status = result.status
+            ex.response_headers_raw = list(result.headers.raw)
+    return replacement
+
+
+def run_body_filters(ex, data: bytes, end: bool) -> bytes:
+    """The response body phase for a backend's body: each filter gets what the one before it let through.
+    A failing filter is logged and passes its input on unchanged."""
+    for f in ex.route.on_response_body:
+        try:
+            data = f(ex, data, end)
+        except Exception:
+            log.exception("response_body_filter %r failed", f)
+        if data is None:
+            data = b""
+    return data
 
 
 def finish(ex) -> None:

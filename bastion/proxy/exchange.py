@@ -99,6 +99,7 @@ class Exchange:
         "tried",
         "retries",
         "error_detail",
+        "replacement",
     )
 
     def __init__(self, conn, start: float):
@@ -145,6 +146,7 @@ class Exchange:
         self.tried: list | None = None
         self.retries = 0
         self.error_detail: str | None = None
+        self.replacement: Response | None = None  # a response filter's answer in place of the backend's
 
     # -- identity -------------------------------------------------------------------------------------
     @property

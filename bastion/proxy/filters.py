@@ -6,7 +6,13 @@ no-op defaults. Phases, in the order a request walks them:
 - ``request_filter(exchange)``: after routing. Return None to continue, or a `Response` to answer now.
   May be ``async def`` (or return an awaitable) when it needs I/O.
 - ``upstream_request_filter(exchange)``: after a peer is chosen; edit what goes to the backend.
-- ``response_filter(exchange)``: the response head (status and headers) before it goes to the client.
+- ``response_filter(exchange)``: the response head (status and headers) before it goes to the client. For a
+  backend's response it may return a `Response` that replaces it (the backend's body is read and dropped,
+  its connection kept): a cache answering a 304 revalidation with the stored object does this.
+- ``response_body_filter(exchange, data, end)``: each chunk of a backend's response body, then once with
+  ``end=True`` (and usually ``b""``). Returns the bytes to send on (``b""`` to hold them back). A filter that
+  changes the body's length removes ``Content-Length`` in its ``response_filter``; the response is then
+  sent chunked (or closed-delimited to HTTP/1.0 clients).
 - ``logging(exchange)``: after the exchange is over, success or not.
 
 Only the methods a filter really defines are put in a route's compiled phase tuples, so a filter costs
@@ -18,7 +24,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-PHASES = ("request_filter", "upstream_request_filter", "response_filter", "logging")
+PHASES = ("request_filter", "upstream_request_filter", "response_filter", "response_body_filter", "logging")
 
 
 class Filter:
@@ -30,8 +36,11 @@ class Filter:
     def upstream_request_filter(self, exchange) -> None:
         return None
 
-    def response_filter(self, exchange) -> None:
+    def response_filter(self, exchange) -> Any:
         return None
+
+    def response_body_filter(self, exchange, data: bytes, end: bool) -> bytes:
+        return data
 
     def logging(self, exchange) -> None:
         return None

@@ -20,6 +20,7 @@ class CompiledRoute:
         "on_request",
         "on_upstream_request",
         "on_response",
+        "on_response_body",
         "on_log",
         "connect_timeout",
         "read_timeout",
@@ -43,6 +44,7 @@ class CompiledRoute:
         self.on_request: tuple = ()
         self.on_upstream_request: tuple = ()
         self.on_response: tuple = ()
+        self.on_response_body: tuple = ()
         self.on_log: tuple = ()
         self.connect_timeout = 5.0
         self.read_timeout = 60.0

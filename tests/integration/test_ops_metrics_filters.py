@@ -151,3 +151,50 @@ def test_user_filters_from_a_module(bastion, backend, tmp_path):
     before = backend.stats()
     fetch(b.url + "/echo/ok", {"X-Deny": "1"})
     assert backend.stats() == before, "a request answered by a filter must not reach the backend"
+
+
+BODY_FILTERS = '''
+from bastion.proxy import Filter, Response
+
+
+class Upper(Filter):
+    """Changes the body's length: drops Content-Length so the response goes out chunked."""
+
+    def response_filter(self, exchange):
+        exchange.response_headers.remove("Content-Length")
+
+    def response_body_filter(self, exchange, data, end):
+        out = data.upper()
+        return out + b"<END>" if end else out
+
+
+class Replace304(Filter):
+    """Answers a backend's 304 with a stored object, as a cache does after revalidation."""
+
+    def response_filter(self, exchange):
+        if exchange.status == 304:
+            return Response(200, "from the store\\n", {"X-Replaced": "yes"}, content_type="text/plain")
+'''
+
+
+def test_response_body_filter_and_replacement(bastion, backend, tmp_path):
+    (tmp_path / "bodyfilters.py").write_text(textwrap.dedent(BODY_FILTERS))
+    b = bastion({"routes": [
+        {"name": "upper", "match": {"path": "/bytes/"}, "upstream": {"servers": [backend.address]},
+         "filters": [{"use": "bodyfilters:Upper"}]},
+        {"name": "replace", "upstream": {"servers": [backend.address]}, "filters": [{"use": "bodyfilters:Replace304"}]},
+    ]}, env={"PYTHONPATH": str(tmp_path)})
+    status, headers, body = fetch(b.url + "/bytes/3000")
+    assert status == 200 and "Content-Length" not in headers and headers.get("Transfer-Encoding") == "chunked"
+    assert body.endswith(b"<END>") and len(body) == 3005 and body[:-5] == body[:-5].upper()
+    # The replaced 304 keeps the backend connection: the same keep-alive client sees both answers.
+    with socket.create_connection(("127.0.0.1", b.port), timeout=5) as s:
+        for path in (b"/status/304", b"/status/304"):
+            s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+            data = b""
+            while b"from the store\n" not in data:
+                chunk = s.recv(65536)
+                assert chunk, data
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200 ") and b"X-Replaced: yes" in data and b"Content-Length: 15" in data
+    assert fetch(b.url + "/status/200")[2] == b"status 200\n"
