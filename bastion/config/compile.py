@@ -159,7 +159,7 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
     if config.access_log.enabled:
         access_log = AccessLog(config.access_log.format, config.access_log.path)
         tail.insert(0, access_log)
-    head = [forwarding] + global_user
+    head = ([forwarding] if forwarding.active else []) + global_user
     if proxy.server_header:
         head.insert(0, ServerHeader(proxy.server_header))
 

@@ -46,6 +46,8 @@ class ForwardingHeaders:
         self.managed = frozenset(managed)
         # x_forwarded on, Forwarded off, Host kept: the shape of most deployments, served by a fast path.
         self.simple = x_forwarded and not forwarded and preserve_host
+        # With every header off and Host kept the filter has nothing to do, and routes leave it out.
+        self.active = bool(managed) or self.request_id_header is not None
         self._fixed: dict[str, dict[str, tuple]] = {"http": {}, "https": {}}
 
     def _fixed_for(self, client_ip: str, scheme: str) -> tuple:

@@ -366,7 +366,14 @@ class ClientConnection(asyncio.Protocol):
         ex = self.parsing
         self._take_headers(ex)
         parser = self.parser
-        version = parser.get_http_version()
+        keep_alive = ex.keep_alive = parser.should_keep_alive()
+        tokens = self.connection_tokens
+        if keep_alive and tokens is None:
+            # llhttp accepts only 0.9, 1.0, 1.1 and 2.0, and without a Connection header only 1.1 keeps the
+            # connection alive; get_http_version() formats a string and is ten times slower than this.
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
         if version != "1.1":
             if version == "1.0":
                 if ex.chunked:
@@ -377,8 +384,6 @@ class ClientConnection(asyncio.Protocol):
                 raise RequestRejected(400, "http_version")
             ex.http_version = version
         ex.method = parser.get_method()
-        ex.keep_alive = parser.should_keep_alive()
-        tokens = self.connection_tokens
         if tokens is not None:
             named = {t.strip() for t in tokens.split(b",")} - _NOT_PROXY_TOKENS
             if named:
