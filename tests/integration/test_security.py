@@ -354,3 +354,30 @@ def open_no_redirect(opener, url):
             return r.status, r.headers, r.read()
     except HTTPError as e:
         return e.code, e.headers, e.read()
+
+
+def test_the_security_example_limits_and_sets_headers(backend, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import wait_port
+    from tests.support.ports import free_port
+
+    root = Path(__file__).resolve().parents[2]
+    port = free_port()
+    env = dict(os.environ, BASTION_LISTEN=f"127.0.0.1:{port}", BASTION_UPSTREAM=backend.address, BASTION_RATE="5",
+               BASTION_WORKERS="2", BASTION_ADMIN=f"127.0.0.1:{free_port()}")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "bastion"), "run", "-c", str(root / "examples" / "security.yaml")],
+                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_port(port, 15, proc)
+        codes = [get(f"http://127.0.0.1:{port}/echo/example")[0] for _ in range(70)]
+        assert codes.count(200) >= 51 and codes[-1] == 429, codes  # burst 50 + 1, then 5/s
+        _, h, _ = get(f"http://127.0.0.1:{port}/echo/example")
+        assert h["Content-Security-Policy"] == "default-src 'self'" and h["X-Frame-Options"] == "DENY"
+        assert h["RateLimit-Policy"] == '"per-ip";q=5;w=1'
+    finally:
+        proc.terminate()
+        proc.wait(20)
