@@ -381,3 +381,22 @@ def test_the_security_example_limits_and_sets_headers(backend, tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_bans_and_rate_limit_state_survive_a_reload(bastion, backend):
+    config = {"trusted_proxies": ["127.0.0.1/32"],
+              "security": {"auto_ban": {}, "rate_limits": [{"name": "r", "rate": "1/m"}]},
+              "routes": [{"upstream": upstream(backend)}]}
+    b = bastion(config, workers=2)
+    assert get(b.admin_url + "/bans/192.0.2.50?seconds=120", method="POST")[0] == 200
+    assert get(b.url + "/echo", {"X-Forwarded-For": "192.0.2.51"})[0] == 200
+    assert get(b.url + "/echo", {"X-Forwarded-For": "192.0.2.51"})[0] == 429
+    old = set(b.worker_pids())
+    b.reload()
+    deadline = time.monotonic() + 15
+    while set(b.worker_pids()) & old or len(b.worker_pids()) < 2:
+        assert time.monotonic() < deadline, "the new generation did not take over"
+        time.sleep(0.2)
+    assert get(b.url + "/echo", {"X-Forwarded-For": "192.0.2.50"})[0] == 403
+    assert get(b.url + "/echo", {"X-Forwarded-For": "192.0.2.51"})[0] == 429
+    assert get(b.url + "/echo", {"X-Forwarded-For": "192.0.2.52"})[0] == 200
