@@ -40,14 +40,22 @@ def normalize_ip(text: str) -> str:
     return str(address)
 
 
+BAN_SLOTS = 8192  # bans are few; a small table keeps listings and reconciliations cheap
+_RECONCILE_AFTER = 3.0  # a local ban this young may still be on its way to Redis
+
+
 class BanList:
+    """Records: key hash, until (wall clock), since (wall clock), shared (1 once Redis has it), address."""
+
     def __init__(self, slots: int, stats, redis_link=None):
-        self.table = shared_table("bans", slots, "Qd48s")
+        self.table = shared_table("bans", min(slots, BAN_SLOTS), "QddB39s")
         # A node-wide "latest end of any ban": while it is in the past, checking costs one read.
         self.latest = shared_table("bans-latest", 4, "Qd")
         self.stats = stats
         self.redis = redis_link
         self._syncing = False
+        self._seen_version = None  # this worker's last view of the cluster's ban list
+        self._unshared: dict[str, float] = {}  # bans this worker could not write to Redis yet
 
     def _latest(self) -> float:
         return _LATEST.unpack_from(self.latest.map, 0)[1]
@@ -63,14 +71,15 @@ class BanList:
     def ban(self, ip: str, seconds: float, reason: str = "", share: bool = True) -> float:
         ip = normalize_ip(ip)
         until = time.time() + seconds
-        self._store(ip, until)
+        self._store(ip, until, 0)
         self.stats.count("bans_added")
         log.warning("banned %s for %ds%s", ip, int(seconds), f": {reason}" if reason else "")
         if share and self.redis is not None:
-            self._spawn(self._share(ip, until))
+            self._unshared[ip] = until
+            self._spawn(self._share())
         return until
 
-    def _store(self, ip: str, until: float) -> None:
+    def _store(self, ip: str, until: float, shared: int) -> None:
         table = self.table
         h = key_hash(ip)
         bucket = table.bucket_of(h)
@@ -78,7 +87,9 @@ class BanList:
         try:
             offset, record = table.find(h)
             if record is None or record[1] < until:
-                table.write(offset, h, until, ip.encode()[:48])
+                table.write(offset, h, until, time.time(), shared, ip.encode()[:39])
+            elif shared and not record[3]:
+                table.write(offset, h, record[1], record[2], 1, record[4])
         finally:
             table.unlock(bucket)
         self.latest.lock(0)
@@ -98,19 +109,21 @@ class BanList:
             offset, record = table.find(h)
             found = record is not None and record[1] > time.time()
             if record is not None:
-                table.write(offset, 0, 0.0, b"")
+                table.write(offset, 0, 0.0, 0.0, 0, b"")
         finally:
             table.unlock(bucket)
+        self._unshared.pop(ip, None)
         return found
+
+    def _local(self) -> list[tuple[str, float, float, int]]:
+        now = time.time()
+        return [(text.rstrip(b"\0").decode(), until, since, shared)
+                for _, (h, until, since, shared, text) in self.table.records() if until > now]
 
     def listing(self) -> list[dict]:
         now = time.time()
-        out = []
-        for _, (h, until, text) in self.table.records():
-            if until > now:
-                out.append({"ip": text.rstrip(b"\0").decode(), "until": round(until, 3),
-                            "remaining_seconds": round(until - now, 1)})
-        return sorted(out, key=lambda b: b["ip"])
+        return sorted(({"ip": ip, "until": round(until, 3), "remaining_seconds": round(until - now, 1)}
+                       for ip, until, _, _ in self._local()), key=lambda b: b["ip"])
 
     # -- Redis ----------------------------------------------------------------------------------------------
     def _spawn(self, coro) -> None:
@@ -119,12 +132,17 @@ class BanList:
         except RuntimeError:
             coro.close()  # no loop (bastion check, the master): nothing to share with
 
-    async def _share(self, ip: str, until: float) -> None:
-        try:
-            await self.redis.add_ban(ip, until)
-            self.redis.succeeded()
-        except Exception as exc:  # noqa: BLE001
-            self.redis.failed(exc)
+    async def _share(self) -> None:
+        for ip, until in list(self._unshared.items()):
+            try:
+                await self.redis.add_ban(ip, until)
+                self.redis.succeeded()
+            except Exception as exc:  # noqa: BLE001 - kept, and written on a later tick
+                self.redis.failed(exc)
+                return
+            if self._unshared.get(ip) == until:
+                del self._unshared[ip]
+            self._store(ip, until, 1)
 
     async def lift_everywhere(self, ip: str) -> bool:
         if self.redis is not None:
@@ -144,16 +162,33 @@ class BanList:
 
     async def _pull(self) -> None:
         try:
-            bans = await self.redis.active_bans()
+            if self._unshared:
+                await self._share()
+            version = await self.redis.bans_version()
+            if version == self._seen_version:
+                return
+            bans = dict(await self.redis.active_bans())
             self.redis.succeeded()
         except Exception as exc:  # noqa: BLE001
             self.redis.failed(exc)
             return
         finally:
             self._syncing = False
-        for ip, until in bans:
-            if not self.is_banned(ip):
-                self._store(ip, until)
+        self._seen_version = version
+        now = time.time()
+        local = {ip: (until, since, shared) for ip, until, since, shared in self._local()}
+        for ip, until in bans.items():
+            mine = local.get(ip)
+            if mine is None or mine[0] < until or not mine[2]:
+                self._store(ip, until, 1)
+        for ip, (until, since, shared) in local.items():
+            # A ban Redis had and no longer has was lifted on another node. One written a moment ago may
+            # have reached Redis after our read: look again on a later tick.
+            if shared and ip not in bans:
+                if now - since > _RECONCILE_AFTER:
+                    self.lift(ip)
+                else:
+                    self._seen_version = None
 
 
 def banned_response(status: int = 403) -> Response:

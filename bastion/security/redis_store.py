@@ -94,10 +94,16 @@ class RedisLink:
 
     async def add_ban(self, ip: str, until: float) -> None:
         client = self.client()
-        await client.zadd(self.bans_key, {ip: until})
+        async with client.pipeline(transaction=True) as pipe:
+            await pipe.zadd(self.bans_key, {ip: until}).incr(self.bans_key + ":version").execute()
 
     async def remove_ban(self, ip: str) -> None:
-        await self.client().zrem(self.bans_key, ip)
+        async with self.client().pipeline(transaction=True) as pipe:
+            await pipe.zrem(self.bans_key, ip).incr(self.bans_key + ":version").execute()
+
+    async def bans_version(self):
+        """Changes whenever a ban is added or lifted anywhere; expired bans need no notice."""
+        return await self.client().get(self.bans_key + ":version")
 
     async def active_bans(self) -> list[tuple[str, float]]:
         client = self.client()
