@@ -82,6 +82,33 @@ def test_route_allow_and_deny_with_real_address_from_trusted_proxy(bastion, back
     assert get(b.url + "/elsewhere", {"X-Forwarded-For": "192.0.2.1"})[0] == 200
 
 
+def test_ipv6_clients_are_judged_by_ipv6_networks(bastion, backend):
+    from tests.support.ports import free_port
+
+    port = free_port()
+    b = bastion({"listeners": [f"[::1]:{port}"],
+                 "routes": [{"name": "v6", "match": {"path": "/open"}, "upstream": upstream(backend),
+                             "security": {"access": {"allow": ["::1/128"]}}},
+                            {"upstream": upstream(backend), "security": {"access": {"deny": ["::/0"]}}}]}, wait=False)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("::1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, b.stderr()
+            time.sleep(0.1)
+    assert get(f"http://[::1]:{port}/open")[0] == 200
+    assert get(f"http://[::1]:{port}/closed")[0] == 403
+
+
+def test_requests_no_route_matches_count_towards_auto_ban(bastion, backend):
+    b = bastion({"security": {"auto_ban": {"max_4xx": 3}},
+                 "routes": [{"match": {"host": "only.example"}, "upstream": upstream(backend)}]})
+    assert [get(b.url + "/scan")[0] for _ in range(3)] == [404, 404, 404]
+    assert refused(b.url + "/scan")
+
+
 def test_an_untrusted_client_cannot_forge_its_address(bastion, backend):
     b = bastion({"routes": [{"upstream": upstream(backend),
                              "security": {"access": {"allow": ["10.0.0.0/8"]}}}]})
