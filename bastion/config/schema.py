@@ -570,7 +570,10 @@ class AccessList(Section):
     allow: list[IPNetwork] = []
     deny: list[IPNetwork] = []
 
-    _nets = field_validator("allow", "deny", mode="before")(classmethod(lambda cls, v: _networks_before(v)))
+    @field_validator("allow", "deny", mode="before")
+    @classmethod
+    def _networks(cls, value):
+        return _networks_before(value)
 
 
 RATE_KEY_PARTS = ("client_ip", "route", "host", "path")

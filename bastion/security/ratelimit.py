@@ -12,6 +12,7 @@ import asyncio
 import math
 from time import monotonic
 
+from bastion.config.schema import parse_rate
 from bastion.proxy.exchange import Response
 from bastion.security import gcra
 from bastion.security.shared import key_hash
@@ -74,7 +75,7 @@ def key_function(parts: list[str], client_address):
 
 class RateLimitFilter:
     def __init__(self, spec, name: str, table, client_address, stats, redis_link=None):
-        count, period = spec.rate_count_period if hasattr(spec, "rate_count_period") else _count_period(spec)
+        count, period = parse_rate(spec.rate)
         self.name = name
         self.interval = period / count
         self.tolerance = spec.burst * self.interval
@@ -167,12 +168,6 @@ class RateLimitFilter:
             headers = ex.response_headers_raw
             headers.append((b"RateLimit-Policy", self.policy))
             headers.append((b"RateLimit", value))
-
-
-def _count_period(spec) -> tuple[float, float]:
-    from bastion.config.schema import parse_rate
-
-    return parse_rate(spec.rate)
 
 
 def _num(value: float) -> bytes:

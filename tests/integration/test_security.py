@@ -429,3 +429,25 @@ def test_bans_and_rate_limit_state_survive_a_reload(bastion, backend):
     assert get(b.url + "/echo", {"X-Forwarded-For": "192.0.2.50"})[0] == 403
     assert get(b.url + "/echo", {"X-Forwarded-For": "192.0.2.51"})[0] == 429
     assert get(b.url + "/echo", {"X-Forwarded-For": "192.0.2.52"})[0] == 200
+
+
+def test_a_ban_made_while_redis_is_down_reaches_the_other_node_later(bastion, backend, redis_server):
+    redis_server.flush()
+    config = {"trusted_proxies": ["127.0.0.1/32"],
+              "security": {"redis": {"url": redis_server.url, "timeout": "200ms", "retry_interval": "1s"},
+                           "auto_ban": {"max_4xx": 2, "ban_time": "60s"}},
+              "routes": [{"upstream": upstream(backend)}]}
+    one, two = bastion(config), bastion(config)
+    who = {"X-Forwarded-For": "198.51.100.77"}
+    redis_server.pause()
+    try:
+        for _ in range(2):
+            assert get(one.url + "/status/404", who)[0] == 404
+        assert get(one.url + "/echo", who)[0] == 403  # held on its own node at once
+        assert get(two.url + "/echo", who)[0] == 200
+    finally:
+        redis_server.resume()
+    deadline = time.monotonic() + 15
+    while get(two.url + "/echo", who)[0] != 403:
+        assert time.monotonic() < deadline, "the ban never reached the second node"
+        time.sleep(0.3)
