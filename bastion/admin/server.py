@@ -3,11 +3,15 @@
 GET /metrics   Prometheus text, summed over all workers (prometheus_client multiprocess mode)
 GET /healthz   200 "ok" while the worker is not draining
 POST /reload   asks the master to reload the configuration (same as SIGHUP)
+GET /bans      the clients banned on this node, as JSON (see docs/security.md)
+POST /bans/IP  bans IP (query: seconds=N, default the auto-ban's ban_time or 600); with Redis, on every node
+DELETE /bans/IP  lifts a ban, on this node and (with Redis) on every node
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 
@@ -58,11 +62,52 @@ class AdminConnection(asyncio.Protocol):
                 self._send(503, b"draining\n", b"text/plain")
             else:
                 self._send(200, b"ok\n", b"text/plain")
+        elif path == b"/bans" or path.startswith(b"/bans/"):
+            self._bans(method, path)
         elif path == b"/reload" and method == b"POST":
             os.kill(self.worker.master_pid, signal.SIGHUP)
             self._send(202, b"reload requested\n", b"text/plain")
         else:
             self._send(404, b"not found\n", b"text/plain")
+
+    def _bans(self, method: bytes, path: bytes) -> None:
+        from urllib.parse import parse_qs, unquote
+
+        security = getattr(self.worker.runtime, "security", None)
+        bans = security.bans if security is not None else None
+        if bans is None:
+            self._send(404, b"bans are off: configure security.auto_ban (or security.redis)\n", b"text/plain")
+            return
+        if path == b"/bans" and method in (b"GET", b"HEAD"):
+            self._send(200, json.dumps({"bans": bans.listing()}).encode() + b"\n", b"application/json")
+            return
+        ip = unquote(path[len(b"/bans/"):].decode("latin-1"))
+        try:
+            from bastion.security.bans import normalize_ip
+
+            ip = normalize_ip(ip)
+        except ValueError as exc:
+            self._send(400, f"{exc}\n".encode(), b"text/plain")
+            return
+        if method == b"DELETE":
+            async def lift():
+                found = await bans.lift_everywhere(ip)
+                self._send(200 if found else 404, json.dumps({"ip": ip, "lifted": found}).encode() + b"\n",
+                           b"application/json")
+
+            asyncio.get_running_loop().create_task(lift())
+        elif method == b"POST":
+            query = parse_qs(self.url.partition(b"?")[2].decode("latin-1"))
+            default = security.spec.auto_ban.ban_time if security.spec.auto_ban is not None else 600.0
+            try:
+                seconds = float(query.get("seconds", [default])[0])
+            except ValueError:
+                self._send(400, b"seconds must be a number\n", b"text/plain")
+                return
+            until = bans.ban(ip, seconds, "through the admin API")
+            self._send(200, json.dumps({"ip": ip, "until": round(until, 3)}).encode() + b"\n", b"application/json")
+        else:
+            self._send(405, b"use GET /bans, POST /bans/IP or DELETE /bans/IP\n", b"text/plain")
 
     def _send(self, status: int, body: bytes, content_type: bytes) -> None:
         head = (

@@ -23,6 +23,7 @@ from bastion.proxy.filters import FilterLoadError, load_filter, phase_methods
 from bastion.proxy.runtime import CompiledRoute, Runtime
 from bastion.routing import matchers
 from bastion.routing.router import Router
+from bastion.security.setup import SecuritySetup
 from bastion.upstream.discovery import FileSource, NameSource, SrvSource, Target, is_ip
 from bastion.upstream.health import assign_health_table
 from bastion.upstream.locality import ClientLocator, LocalityChooser
@@ -120,6 +121,7 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
     problems: list[ConfigProblem] = []
     proxy = config.proxy
     trusted = TrustedProxies(list(config.trusted_proxies))
+    security = SecuritySetup(config, trusted)
     hidden = {n.lower().encode() for n in proxy.hide_headers}
     if proxy.request_id_header:
         hidden.add(proxy.request_id_header.lower().encode())  # Bastion's own id is the one that counts
@@ -154,11 +156,11 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
                                    proxy.request_id_header, proxy.preserve_host)
     global_user = _user_filters(config.filters, "filters", source, problems)
     metrics = Metrics()
-    tail = [metrics]
+    tail = security.tail() + [metrics]
     access_log = None
     if config.access_log.enabled:
         access_log = AccessLog(config.access_log.format, config.access_log.path)
-        tail.insert(0, access_log)
+        tail.insert(len(tail) - 1, access_log)
     head = ([forwarding] if forwarding.active else []) + global_user
     if proxy.server_header:
         head.insert(0, ServerHeader(proxy.server_header))
@@ -193,6 +195,8 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
                     for h in (spec.tls.client_auth.subject_header, spec.tls.client_auth.fingerprint_header) if h}
     if cert_headers:
         head.append(ClientCertificateHeaders(cert_headers))
+    # Access lists and bans come before anything else a request meets.
+    head[:0] = security.head()
 
     timeouts = config.timeouts
     routes = []
@@ -201,7 +205,7 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         route.host_accepts = matchers.host_accepts(spec.match.host)
         route.conditions = _conditions(spec)
         route.description = _describe(spec)
-        filters = list(head)
+        filters = list(head) + security.route_front(spec, route.name, config)
         if spec.rewrite is not None:
             rw = spec.rewrite
             filters.append(PathRewrite(rw.strip_prefix, rw.add_prefix,
@@ -232,7 +236,7 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
             route.upstream = groups.setdefault(f"{route.name}", make_group(route.name, spec.upstream))
         if sticky_index is not None:
             filters.insert(sticky_index, StickyCookieFilter(sticky_group or route.upstream))
-        route.filters = filters + tail
+        route.filters = filters + security.route_back(spec, route.upstream) + tail
         _phase_tuples(route)
         rt = spec.timeouts
         route.connect_timeout = rt.connect if rt.connect is not None else timeouts.connect
@@ -241,6 +245,7 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         route.client_body_timeout = rt.client_body if rt.client_body is not None else timeouts.client_body
         route.websocket_idle = rt.websocket_idle if rt.websocket_idle is not None else timeouts.websocket_idle
         route.body_limit = spec.limits.body if spec.limits.body is not None else config.limits.body
+        route.body_min_rate = spec.limits.body_min_rate if spec.limits.body_min_rate is not None else config.limits.body_min_rate
         allowed = [p.lower() for p in spec.upgrade]
         route.upgrade_any = "*" in allowed
         route.upgrade_allowed = frozenset(p.encode() for p in allowed if p != "*")
@@ -250,8 +255,9 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         raise ConfigError(problems)
 
     fallback = CompiledRoute("", -1)
-    fallback.filters = head + tail
+    fallback.filters = head + security.fallback_back() + tail
     fallback.body_limit = config.limits.body
+    fallback.body_min_rate = config.limits.body_min_rate
     _phase_tuples(fallback)
 
     runtime = Runtime(
@@ -269,6 +275,9 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
     runtime.health_table, runtime.checked = assign_health_table(runtime.upstream_groups)
     metrics.groups = runtime.upstream_groups
     runtime.periodic.append(metrics.flush)
+    runtime.periodic.extend(security.periodic)
+    runtime.security = security
+    runtime.connection_guard = security.connection_guard
     if access_log is not None:
         runtime.periodic.append(access_log.flush)
     return runtime

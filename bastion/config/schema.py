@@ -106,6 +106,15 @@ class Listener(Section):
     name: str | None = None
     tls: ListenerTls | None = None
     redirect_https: bool | int = Field(False, description="answer 308 to https:// (true: port 443, or a port)")
+    proxy_protocol: bool = Field(False, description="connections start with a PROXY protocol v1/v2 header "
+                                 "(from a load balancer) that gives the client's address")
+
+    @model_validator(mode="after")
+    def _proxy_protocol_plain(self):
+        if self.proxy_protocol and self.tls is not None:
+            raise ValueError("proxy_protocol is supported on plain listeners only (put TLS behind the balancer "
+                             "or terminate it there)")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -173,10 +182,17 @@ class Limits(Section):
     header_count: int = Field(100, ge=1)
     body: Size = 100 * 1024 * 1024
     requests_per_connection: int = Field(1000, ge=1)
+    body_min_rate: Size = Field(0, description="bytes per second a request body must average once "
+                                "body_min_rate_after has passed; 0 = off")
+    body_min_rate_after: Duration = Field(5.0, description="grace period at the start of a body")
 
 
 class RouteLimits(Section):
     body: Size | None = None
+    request_line: Size | None = Field(None, description="tighter than the global limit for this route")
+    header_bytes: Size | None = Field(None, description="tighter than the global limit for this route")
+    header_count: int | None = Field(None, ge=1, description="tighter than the global limit for this route")
+    body_min_rate: Size | None = None
 
 
 class Server(Section):
@@ -505,6 +521,173 @@ class FilterRef(Section):
         return value
 
 
+# -- security (docs/security.md) ------------------------------------------------------------------------------
+
+IPNetwork = Annotated[Union[ipaddress.IPv4Network, ipaddress.IPv6Network], Field()]
+
+
+def _networks_before(value):
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        out = []
+        for v in value:
+            if isinstance(v, str):
+                try:
+                    out.append(ipaddress.ip_network(v.strip(), strict=False))
+                except ValueError:
+                    raise ValueError(f"{v!r} is not an IP address or CIDR") from None
+            else:
+                out.append(v)
+        return out
+    return value
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:r?/\s*(s|sec|second|m|min|minute|h|hour))?\s*$")
+_RATE_PERIOD = {None: 1.0, "s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+                "h": 3600.0, "hour": 3600.0}
+
+
+def parse_rate(value) -> tuple[float, float]:
+    """100, '100/s', '6000/m', '10r/s' -> (count, period in seconds)."""
+    if isinstance(value, bool):
+        raise ValueError("a rate is a number per second or e.g. '100/s', '600/m', '1000/h'")
+    if isinstance(value, (int, float)):
+        count, period = float(value), 1.0
+    else:
+        match = _RATE.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a rate; use e.g. 100, '100/s', '600/m', '1000/h'")
+        count, period = float(match.group(1)), _RATE_PERIOD[match.group(2)]
+    if count <= 0:
+        raise ValueError("a rate must be above 0")
+    return count, period
+
+
+class AccessList(Section):
+    """IP allow/deny lists: a denied address is refused; when `allow` is given, only those addresses get in."""
+
+    allow: list[IPNetwork] = []
+    deny: list[IPNetwork] = []
+
+    @field_validator("allow", "deny", mode="before")
+    @classmethod
+    def _networks(cls, value):
+        return _networks_before(value)
+
+
+RATE_KEY_PARTS = ("client_ip", "route", "host", "path")
+
+
+class RateLimit(Section):
+    name: str | None = Field(None, description="names the limit in RateLimit-Policy and in Redis keys")
+    key: list[str] = Field(["client_ip"], description="what is counted: client_ip, route, host, path, "
+                           "header:NAME, cookie:NAME, or a list of them")
+    rate: str | float = Field(description="requests per period: 100 (per second), '100/s', '600/m', '1000/h'")
+    burst: int = Field(0, ge=0, description="requests allowed at once beyond the steady rate")
+    delay: int | None = Field(None, ge=0, description="delay (instead of refusing) excess requests beyond "
+                              "this many, up to burst; none = the burst passes at once")
+    scope: Literal["node", "cluster"] = Field("node", description="cluster: one budget in Redis shared by nodes")
+    status: int = Field(429, ge=400, le=599)
+    headers: bool = Field(True, description="send RateLimit-Policy and RateLimit headers")
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("key")
+    @classmethod
+    def _key_parts(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("a rate limit key needs at least one part")
+        for part in value:
+            kind, sep, name = part.partition(":")
+            if sep:
+                if kind not in ("header", "cookie") or not name.strip():
+                    raise ValueError(f"{part!r}: use header:NAME or cookie:NAME")
+            elif part not in RATE_KEY_PARTS:
+                raise ValueError(f"{part!r} is not a key part; use {', '.join(RATE_KEY_PARTS)}, header:NAME, cookie:NAME")
+        return value
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, value):
+        parse_rate(value)
+        return value
+
+    @model_validator(mode="after")
+    def _delay_in_burst(self):
+        if self.delay is not None and self.delay > self.burst:
+            raise ValueError("delay cannot be larger than burst")
+        return self
+
+    @property
+    def per_second(self) -> float:
+        count, period = parse_rate(self.rate)
+        return count / period
+
+
+class ConnectionLimits(Section):
+    max_per_ip: int | None = Field(None, ge=1, description="open connections per client address, node-wide")
+    max_total: int | None = Field(None, ge=1, description="open client connections, node-wide")
+
+
+class AutoBan(Section):
+    window: Duration = Field(60.0, description="events are counted over this period")
+    ban_time: Duration = Field(600.0, description="how long a ban lasts")
+    max_4xx: int | None = Field(100, ge=1, description="4xx answers in a window that ban; none = not counted")
+    max_waf_blocks: int | None = Field(5, ge=1, description="WAF blocks (error waf_blocked) that ban")
+    max_rate_limited: int | None = Field(50, ge=1, description="rate-limit refusals (error rate_limited) that ban")
+    status: int = Field(403, ge=400, le=599)
+
+
+class SecurityHeaders(Section):
+    content_type_options: bool = Field(True, description="X-Content-Type-Options: nosniff")
+    frame_options: str | None = Field("DENY", description="X-Frame-Options; none = not sent")
+    referrer_policy: str | None = "strict-origin-when-cross-origin"
+    content_security_policy: str | None = None
+    override: bool = Field(False, description="replace the backend's own values (default: keep them)")
+
+
+class HideBackends(Section):
+    rewrite_location: bool = Field(True, description="Location/Content-Location naming a backend address "
+                                   "are rewritten to the public host")
+    public_host: str | None = Field(None, description="host[:port] to rewrite to; default: the request's Host")
+    public_scheme: Literal["http", "https"] | None = Field(None, description="default: the listener's scheme")
+
+
+class RedisSettings(Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "bastion:"
+    timeout: Duration = Field(0.25, description="per command; slower is treated as unreachable")
+    on_error: Literal["local", "open", "closed"] = Field("local", description="when Redis is unreachable: "
+                                                          "local limits, let everything through, or refuse (503)")
+    retry_interval: Duration = Field(5.0, description="how long to stay on the fallback before trying again")
+
+
+class Security(Section):
+    access: AccessList = AccessList()
+    connections: ConnectionLimits = ConnectionLimits()
+    rate_limits: list[RateLimit] = []
+    auto_ban: AutoBan | None = None
+    headers: SecurityHeaders | None = None
+    hide_backends: HideBackends = HideBackends()
+    redis: RedisSettings | None = None
+    client_ip_header: str = Field("X-Forwarded-For", description="where the client address is read from "
+                                  "when the peer is in trusted_proxies")
+    table_slots: int = Field(65536, ge=1024, le=1 << 22, description="node-wide shared-memory slots for "
+                             "rate-limit keys, bans and counters")
+
+
+class RouteSecurity(Section):
+    access: AccessList | None = None
+    rate_limits: list[RateLimit] = []
+    skip_global_rate_limits: bool = False
+    max_concurrent: int | None = Field(None, ge=1, description="requests in flight on this route, node-wide")
+    headers: SecurityHeaders | None = None
+
+
 def _upstream_kind(value) -> str:
     return "upstream-name" if isinstance(value, str) else "upstream-inline"
 
@@ -529,6 +712,7 @@ class Route(Section):
     upgrade: list[str] = ["websocket"]
     timeouts: RouteTimeouts = RouteTimeouts()
     limits: RouteLimits = RouteLimits()
+    security: RouteSecurity = RouteSecurity()
     filters: list[FilterRef] = []
 
     @model_validator(mode="after")
@@ -578,9 +762,6 @@ class ProxySettings(Section):
     server_header: str | None = None
 
 
-IPNetwork = Annotated[Union[ipaddress.IPv4Network, ipaddress.IPv6Network], Field()]
-
-
 class Config(Section):
     workers: Union[int, Literal["auto"]] = "auto"
     pid_file: str | None = None
@@ -595,9 +776,28 @@ class Config(Section):
     acme: Acme | None = None
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
+    security: Security = Security()
     upstreams: dict[str, Upstream] = {}
     routes: list[Route] = Field(min_length=1)
     filters: list[FilterRef] = []
+
+    @model_validator(mode="after")
+    def _security_consistent(self):
+        names = [r.name for r in self.security.rate_limits if r.name]
+        if len(names) != len(set(names)):
+            raise ValueError("security.rate_limits: names must be unique")
+        wants_redis = any(r.scope == "cluster" for r in self.security.rate_limits) or any(
+            r.scope == "cluster" for route in self.routes for r in route.security.rate_limits)
+        if wants_redis and self.security.redis is None:
+            raise ValueError("rate limits with scope: cluster need security.redis")
+        for index, route in enumerate(self.routes):
+            lim = route.limits
+            for field in ("request_line", "header_bytes", "header_count"):
+                value = getattr(lim, field)
+                if value is not None and value > getattr(self.limits, field):
+                    raise ValueError(f"routes[{index}].limits.{field} ({value}) can only be tighter than the "
+                                     f"global limits.{field} ({getattr(self.limits, field)}), which bounds parsing")
+        return self
 
     @field_validator("workers")
     @classmethod

@@ -8,7 +8,7 @@ from bastion.proxy.exchange import Response
 class ListenerInfo:
     """What a connection knows about the listener that accepted it."""
 
-    __slots__ = ("address", "name", "scheme", "tls", "redirect_port", "hsts", "client_auth")
+    __slots__ = ("address", "name", "scheme", "tls", "redirect_port", "hsts", "client_auth", "proxy_protocol")
 
     def __init__(self, spec):
         self.address = spec.address
@@ -18,6 +18,7 @@ class ListenerInfo:
         port = spec.redirect_https
         self.redirect_port = (443 if port is True else int(port)) if port and spec.tls is None else 0
         self.hsts = None
+        self.proxy_protocol = spec.proxy_protocol
         self.client_auth = spec.tls.client_auth if spec.tls is not None else None
         if spec.tls is not None and spec.tls.hsts is not None:
             h = spec.tls.hsts

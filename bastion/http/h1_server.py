@@ -101,7 +101,10 @@ class ClientConnection(asyncio.Protocol):
         "tunnel_pending",
         "upgrading",
         "out",
+        "guard_slot",
     )
+
+    waits_for_proxy_header = False
 
     def __init__(self, worker, runtime, listener=None):
         self.worker = worker
@@ -144,6 +147,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel_pending: list | None = None
         self.upgrading = False
         self.out: list | None = None
+        self.guard_slot = -1  # this connection's place in the node's connection counters (security)
 
     def client_certificate(self):
         """(subject, SHA-256 fingerprint) of the client's verified certificate, or None; read once."""
@@ -189,10 +193,29 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = now + self.timeouts.client_header
         self.deadline_kind = DL_HEADER
         self.worker.connection_opened(self)
+        guard = self.runtime.connection_guard
+        if guard is not None and not self.waits_for_proxy_header:
+            self.admit(guard)
+
+    def admit(self, guard) -> bool:
+        """Connection-level security (deny lists, bans, connection limits); False when refused and closed."""
+        refusal = guard.admit(self)
+        if refusal is None:
+            return True
+        self.deadline_kind = DL_LINGER
+        self.deadline = monotonic() + 1.0
+        if refusal:
+            self.transport.write(refusal)
+            self.transport.close()
+        else:
+            self.transport.abort()
+        return False
 
     def connection_lost(self, exc):
         self.closed = True
         self.worker.connection_closed(self)
+        if self.guard_slot >= 0:
+            self.runtime.connection_guard.release(self)
         tunnel = self.tunnel
         if tunnel is not None:
             self.tunnel = None
@@ -970,6 +993,19 @@ class ClientConnection(asyncio.Protocol):
     # -- timers (called by the worker's sweep) --------------------------------------------------------------
     def check_deadline(self, now: float) -> None:
         kind = self.deadline_kind
+        if kind == DL_BODY and not self.paused:
+            ex = self.active
+            rate = ex.route.body_min_rate if ex is not None and ex.route is not None else 0
+            if rate:
+                # A body that trickles in (slow-body attacks) is cut once its average rate, counted from
+                # the end of the grace period, falls below the minimum.
+                late = now - ex.start - self.limits.body_min_rate_after
+                if late > 0 and ex.bytes_in < rate * late:
+                    from bastion.security.stats import node_stats
+
+                    node_stats().count("client_body_too_slow")
+                    self.reject(408, "client_body_too_slow")
+                    return
         if kind == DL_TUNNEL:
             ex = self.active
             idle = ex.route.websocket_idle if ex is not None and ex.route is not None else self.timeouts.websocket_idle
@@ -1042,3 +1078,44 @@ def _parser_reason(exc: Exception) -> str:
     if "url" in text:
         return "bad_target"
     return "bad_request"
+
+
+class ProxyProtocolConnection(ClientConnection):
+    """A connection on a listener with `proxy_protocol`: a PROXY v1/v2 header comes first and gives the
+    client's address; HTTP starts after it. Connection-level security waits for that address."""
+
+    __slots__ = ("proxy_buffer",)
+
+    waits_for_proxy_header = True
+
+    def __init__(self, worker, runtime, listener=None):
+        super().__init__(worker, runtime, listener)
+        self.proxy_buffer: bytes | None = b""
+
+    def data_received(self, data: bytes):
+        buffer = self.proxy_buffer
+        if buffer is None:
+            ClientConnection.data_received(self, data)
+            return
+        from bastion.security import proxy_protocol
+
+        buffer += data
+        try:
+            result = proxy_protocol.parse(buffer)
+        except proxy_protocol.ProxyProtocolError as exc:
+            log.info("closing a connection from %s: %s", self.client_ip, exc)
+            self.transport.abort()
+            return
+        if result is None:
+            self.proxy_buffer = buffer
+            return
+        address, used = result
+        self.proxy_buffer = None
+        if address is not None:
+            self.client_ip = address
+        guard = self.runtime.connection_guard
+        if guard is not None and not self.admit(guard):
+            return
+        rest = buffer[used:]
+        if rest:
+            ClientConnection.data_received(self, rest)

@@ -28,6 +28,7 @@ class CompiledRoute:
         "client_body_timeout",
         "websocket_idle",
         "body_limit",
+        "body_min_rate",
         "upgrade_any",
         "upgrade_allowed",
         "description",
@@ -52,6 +53,7 @@ class CompiledRoute:
         self.client_body_timeout = 60.0
         self.websocket_idle = 3600.0
         self.body_limit = 0
+        self.body_min_rate = 0  # bytes per second a request body must average after the grace period
         self.upgrade_any = False
         self.upgrade_allowed: frozenset = frozenset()
         self.description = ""
@@ -81,6 +83,8 @@ class Runtime:
     listeners: dict = field(default_factory=dict)
     acme_names: list = field(default_factory=list)
     cert_files: list = field(default_factory=list)
+    security: object = None  # bastion.security.setup.SecuritySetup (bans for the admin API)
+    connection_guard: object = None  # asked by each accepted connection when connection-level limits are on
 
     def tick(self, now: float) -> None:
         if self.health_table is not None:

@@ -22,6 +22,7 @@ import time
 from bastion.config.compile import load_runtime
 from bastion.config.loader import ConfigError
 from bastion.config.schema import split_host_port
+from bastion.security.shared import MAX_ROWS, clear_worker_row, set_worker_row
 
 log = logging.getLogger("bastion.master")
 
@@ -61,6 +62,7 @@ class Master:
         self.admin_socket: socket.socket | None = None
         self.admin_address: str | None = None
         self.workers: dict[int, int] = {}  # pid -> generation
+        self.worker_rows: dict[int, int] = {}  # pid -> its row in the node's shared counters (security)
         self.checkers: dict[int, int] = {}  # health checker pid -> generation
         self.acme_managers: dict[int, int] = {}  # ACME manager pid -> generation
         self.generation = 0
@@ -81,6 +83,7 @@ class Master:
             return 2
         config = self.runtime.config
         configure_logging(config.log)
+        _raise_open_files_limit()
         self.metrics_dir = tempfile.mkdtemp(prefix="bastion-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         try:
@@ -180,13 +183,18 @@ class Master:
         sockets = list(self.listen_sockets.items())
         admin = self.admin_socket
         master_pid = os.getpid()
+        used = set(self.worker_rows.values())
+        row = next((r for r in range(MAX_ROWS) if r not in used), len(self.worker_rows) % MAX_ROWS)
 
         def worker_main() -> int:
             from bastion.server.worker import run_worker
 
+            set_worker_row(row)
             return run_worker(runtime, sockets, admin, master_pid, generation)
 
-        self.workers[self._fork(worker_main)] = generation
+        pid = self._fork(worker_main)
+        self.workers[pid] = generation
+        self.worker_rows[pid] = row
 
     def _spawn_checker(self, generation: int) -> None:
         """One active health checker per node and generation, when the configuration asks for checks."""
@@ -246,6 +254,9 @@ class Master:
             if generation is None:
                 continue
             self._forget_worker_metrics(pid)
+            row = self.worker_rows.pop(pid, None)
+            if row is not None and row not in self.worker_rows.values():
+                clear_worker_row(row)  # its connections and in-flight requests are gone with it
             code = os.waitstatus_to_exitcode(status)
             if generation == self.generation and not self.stopping:
                 log.error("worker %d exited unexpectedly (%s); starting a new one", pid, _describe_exit(code))
@@ -385,6 +396,21 @@ class Master:
                 pass
         if self.metrics_dir:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+def _raise_open_files_limit() -> None:
+    """Each client connection is a file descriptor: a worker holding thousands of them (slow clients
+    included) needs more than the usual soft limit of 1024. The hard limit is as far as we may go."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError) as exc:
+        log.warning("cannot raise the open files limit: %s", exc)
 
 
 def _signal(pid: int, sig: int) -> None:

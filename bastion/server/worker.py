@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from bastion.http.h1_server import ClientConnection
+from bastion.http.h1_server import ClientConnection, ProxyProtocolConnection
 from bastion.proxy.exchange import reseed_request_ids
 
 log = logging.getLogger("bastion.worker")
@@ -115,7 +115,8 @@ class Worker:
         for address, sock in self.listen_sockets:
             listener = runtime.listeners.get(address)
             context = listener.tls.default if listener is not None and listener.tls is not None else None
-            server = await loop.create_server(lambda listener=listener: ClientConnection(self, runtime, listener),
+            protocol = ProxyProtocolConnection if listener is not None and listener.proxy_protocol else ClientConnection
+            server = await loop.create_server(lambda listener=listener, protocol=protocol: protocol(self, runtime, listener),
                                               sock=sock, backlog=4096, ssl=context)
             self.servers.append(server)
         if self.admin_socket is not None:

@@ -44,7 +44,7 @@ def test_example_passes_check(name, cert_env):
 def test_example_runs_and_proxies(name, backend, tmp_path, cert_env):
     port = free_port()
     env = dict(os.environ, BASTION_LISTEN=f"127.0.0.1:{port}", BASTION_UPSTREAM=backend.address, BASTION_WORKERS="1",
-               BASTION_UPSTREAMS=backend.address, **cert_env)
+               BASTION_UPSTREAMS=backend.address, BASTION_ADMIN=f"127.0.0.1:{free_port()}", **cert_env)
     if name == "tls.yaml":
         env["BASTION_REDIRECT_PORT"] = cert_env["BASTION_LISTEN_TLS"].rsplit(":", 1)[1]
     proc = subprocess.Popen([BASTION, "run", "-c", str(ROOT / "examples" / name)], env=env, cwd=tmp_path,

@@ -8,6 +8,7 @@
 /chunked/{n}                      the same, chunked
 /upload                           reads the body streaming, answers {length, sha256}
 /headers?Name=value&...           answers 200 with those response headers
+/redirect?to=URL[&status=302]     answers that redirect with Location: URL
 /ws                               WebSocket echo (text and binary)
 /close                            answers, then closes the connection
 /__stats, /__reset                request count (not counting these two), reset
@@ -97,6 +98,10 @@ def make_app(name: str) -> web.Application:
             resp.headers[key] = value
         return resp
 
+    async def redirect(request):
+        status = int(request.query.get("status", "302"))
+        return web.Response(status=status, headers={"Location": request.query["to"]}, text="moved\n")
+
     async def ws(request):
         sock = web.WebSocketResponse()
         await sock.prepare(request)
@@ -140,6 +145,7 @@ def make_app(name: str) -> web.Application:
     app.router.add_get("/chunked/{n}", lambda r: stream_bytes(r, True))
     app.router.add_route("*", "/upload", upload)
     app.router.add_get("/headers", headers)
+    app.router.add_get("/redirect", redirect)
     app.router.add_get("/ws", ws)
     app.router.add_get("/close", close)
     app.router.add_route("*", "/{tail:.*}", echo)
