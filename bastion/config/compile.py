@@ -255,7 +255,7 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         raise ConfigError(problems)
 
     fallback = CompiledRoute("", -1)
-    fallback.filters = head + security.fallback_back() + tail
+    fallback.filters = head + security.fallback_front() + security.fallback_back() + tail
     fallback.body_limit = config.limits.body
     fallback.body_min_rate = config.limits.body_min_rate
     _phase_tuples(fallback)

@@ -24,10 +24,14 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 def start(conn, ex, runtime) -> None:
     route = runtime.router.match(ex)
     if route is None:
-        ex.route = runtime.fallback_route
-        ex.error = "no_route"
-        respond_error(conn, ex, 404)
-        return
+        # No route: the global request filters (bans, access lists, rate limits, ACME answers) still
+        # run, then the fallback route, which has no upstream, answers 404 (see proceed_to_upstream).
+        route = runtime.fallback_route
+        if not route.on_request:
+            ex.route = route
+            ex.error = "no_route"
+            respond_error(conn, ex, 404)
+            return
     ex.route = route
     if ex.content_length is not None and ex.content_length > route.body_limit:
         ex.error = "body_too_large"
@@ -95,6 +99,10 @@ async def _await_request_filter(conn, ex, route, awaitable, index: int) -> None:
 def proceed_to_upstream(conn, ex, route) -> None:
     group = route.upstream
     if group is None:
+        if route.index < 0:  # the no-route fallback, after its request filters let the request through
+            ex.error = "no_route"
+            respond_error(conn, ex, 404)
+            return
         # A route whose terminal filter did not answer (cannot happen with a valid config).
         ex.error = "no_action"
         respond_error(conn, ex, 500)

@@ -81,6 +81,10 @@ class SecuritySetup:
             out.append(HideBackendLocation(group, hide.public_host, hide.public_scheme))
         return out
 
+    def fallback_front(self) -> list:
+        """Request filters for requests that match no route: the global rate limits."""
+        return list(self.global_limits)
+
     def fallback_back(self) -> list:
         return [self.headers] if self.headers is not None else []
 

@@ -183,3 +183,14 @@ def test_redis_fail_open_and_fail_closed(bastion, backend, redis_server, mode, e
         assert statuses(b.url + "/echo/o", 3) == [expected] * 3
     finally:
         redis_server.resume()
+
+
+def test_global_limits_also_apply_to_requests_that_match_no_route(bastion, backend):
+    # Scanners probing unknown hosts and paths share the client's budget with its real requests.
+    b = bastion({"security": {"rate_limits": [{"name": "per-ip", "rate": "1/m", "burst": 1}]},
+                 "routes": [dict(route(backend), match={"path": "/app/"})]})
+    assert statuses(b.url + "/nowhere", 3) == [404, 404, 429]
+    assert get(b.url + "/app/x")[0] == 429
+    before = backend.stats()
+    get(b.url + "/nowhere")
+    assert backend.stats() == before
