@@ -194,6 +194,14 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
     if cert_headers:
         head.append(ClientCertificateHeaders(cert_headers))
 
+    waf_filters: dict = {}
+    if config.waf is not None or any(spec.waf is not None for spec in config.routes):
+        from bastion.security.waf import build_filters  # loads libmodsecurity only when a WAF is configured
+
+        waf_filters, waf_problems = build_filters(
+            config, config.routes, [spec.name or f"route-{i}" for i, spec in enumerate(config.routes)])
+        problems.extend(ConfigProblem(source, where, message) for where, message in waf_problems)
+
     timeouts = config.timeouts
     routes = []
     for index, spec in enumerate(config.routes):
@@ -202,6 +210,8 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         route.conditions = _conditions(spec)
         route.description = _describe(spec)
         filters = list(head)
+        if index in waf_filters:
+            filters.append(waf_filters[index])  # sees the request as the client sent it
         if spec.rewrite is not None:
             rw = spec.rewrite
             filters.append(PathRewrite(rw.strip_prefix, rw.add_prefix,
