@@ -518,10 +518,10 @@ class ClientConnection(asyncio.Protocol):
         future = self.loop.create_future()
         if ex.body_chunks is None:
             future.set_result(b"")
-        elif ex.request_complete:
-            future.set_result(b"".join(ex.body_chunks))
         elif ex.body_buffered > limit or (ex.content_length is not None and ex.content_length > limit):
             future.set_result(None)
+        elif ex.request_complete:
+            future.set_result(b"".join(ex.body_chunks))
         else:
             ex.body_waiter = (future, limit)
             if ex.expect_continue:

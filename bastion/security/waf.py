@@ -15,13 +15,15 @@ import json
 import os
 import re
 import tempfile
-import threading
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from bastion.proxy.errors import error_response
 from bastion.security.modsecurity import Engine, ModSecurityError, Verdict
+
+log = logging.getLogger("bastion.waf")
 
 _BLOCKING_EVALUATION = "949110"
 
@@ -207,7 +209,7 @@ class AuditLog:
     def __init__(self, path: str):
         self.path = path
         self.fd: int | None = None
-        self.lock = threading.Lock()
+        self.failed = False
 
     def write(self, record: dict) -> None:
         line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8", "replace")
@@ -308,8 +310,10 @@ class WafFilter:
             record["note"] = note
         try:
             self.audit.write(record)
-        except OSError:
-            pass
+        except OSError as exc:
+            if not self.audit.failed:
+                self.audit.failed = True  # said once: a full disk must not become a log line per request
+                log.error("cannot write the WAF audit log %s: %s", self.audit.path, exc)
 
 
 def build_filters(config, routes_specs, route_names) -> tuple[dict, list]:
