@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -173,6 +174,8 @@ class Engine:
     def __init__(self, files: list[str]):
         lib = library()
         self.lib = lib
+        self.rules = self.modsec = None
+        self.owner = os.getpid()
         self.modsec = lib.msc_init()
         lib.msc_set_connector_info(self.modsec, b"bastion")
         lib.msc_set_log_cb(self.modsec, _log_callback)
@@ -183,6 +186,12 @@ class Engine:
                 text = error.value.decode("utf-8", "replace") if error.value else "unknown error"
                 self.close()
                 raise ModSecurityError(f"{path}: {text.strip()}")
+
+    def __del__(self):
+        # Frees a dropped rule set (an old configuration after a reload) in the process that loaded it. A
+        # forked worker never frees one: its inspection threads may still be inside the library at exit.
+        if self.owner == os.getpid():
+            self.close()
 
     def close(self) -> None:
         if self.rules:

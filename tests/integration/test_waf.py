@@ -5,6 +5,7 @@ up other connections."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -252,3 +253,16 @@ def test_bad_waf_config_is_a_clear_error(tmp_path):
         out = result.stderr + result.stdout
         assert field.replace(".0", "[0]") in out or field in out, (field, out)
         assert problem in out, (problem, out)
+
+
+def test_pipelined_requests_with_bodies_are_each_inspected(bastion, backend, tmp_path):
+    b, _ = start(bastion, backend, tmp_path, {"mode": "block"})
+    head = (b"POST /echo/%d HTTP/1.1\r\nHost: example.com\r\nUser-Agent: t\r\nAccept: */*\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n")
+    clean = b"name=Ada"
+    raw = (head % (1, len(clean)) + clean + head % (2, len(XSS_FORM)) + XSS_FORM
+           + b"GET /echo/3 HTTP/1.1\r\nHost: example.com\r\nUser-Agent: t\r\nAccept: */*\r\nConnection: close\r\n\r\n")
+    answer = http_raw(b.port, raw, timeout=15)
+    statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+    assert statuses == [200, 403, 200]
+    assert b'"path": "/echo/1"' in answer and b'"path": "/echo/3"' in answer and b"/echo/2" not in answer
