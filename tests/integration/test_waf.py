@@ -266,3 +266,17 @@ def test_pipelined_requests_with_bodies_are_each_inspected(bastion, backend, tmp
     statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
     assert statuses == [200, 403, 200]
     assert b'"path": "/echo/1"' in answer and b'"path": "/echo/3"' in answer and b"/echo/2" not in answer
+
+
+def test_reload_changes_the_waf_settings(bastion, backend, tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = {"routes": [{"upstream": {"servers": [backend.address]}}], "waf": {"mode": "detect", "audit_log": None}}
+    b = bastion(config)
+    assert request(b.url + SQLI)[0] == 200
+    b.write_config({**config, "waf": {"mode": "block", "audit_log": None}})
+    b.reload()
+    deadline = time.monotonic() + 20
+    while request(b.url + SQLI)[0] != 403:
+        assert time.monotonic() < deadline, "the reload did not switch the WAF to block mode"
+        time.sleep(0.2)
+    assert request(b.url + "/echo/fine")[0] == 200
