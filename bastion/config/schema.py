@@ -544,6 +544,12 @@ class WafExclusion(Section):
         return self
 
 
+def _waf_body_limit(value: int) -> int:
+    if value > 64 * 1024 * 1024:
+        raise ValueError("body_limit is at most 64MiB (bodies are held in memory for inspection)")
+    return value
+
+
 class WafRouteSettings(Section):
     """What a route may change of the global WAF settings (unset fields inherit them)."""
 
@@ -554,6 +560,11 @@ class WafRouteSettings(Section):
     exclusions: list[WafExclusion] = Field([], description="added to the global exclusions")
     body_limit: Size | None = None
     on_body_limit: Literal["pass", "reject"] | None = None
+
+    @field_validator("body_limit")
+    @classmethod
+    def _body_limit(cls, value: int | None) -> int | None:
+        return value if value is None else _waf_body_limit(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -585,9 +596,7 @@ class Waf(Section):
     @field_validator("body_limit")
     @classmethod
     def _body_limit(cls, value: int) -> int:
-        if value > 64 * 1024 * 1024:
-            raise ValueError("body_limit is at most 64MiB (bodies are held in memory for inspection)")
-        return value
+        return _waf_body_limit(value)
 
 
 def _upstream_kind(value) -> str:

@@ -212,20 +212,22 @@ class InspectionPool:
         for t in self.threads:
             t.start()
 
-    def submit(self, fn, args) -> asyncio.Future:
+    def submit(self, fn, args, then=None) -> asyncio.Future:
+        """A future for `fn(*args)` run in a thread; `then(result)`, if given, runs on the loop's thread
+        and its return value is the future's result."""
         future = self.loop.create_future()
         self.pending += 1
-        self.jobs.put((future, fn, args))
+        self.jobs.put((future, fn, args, then))
         return future
 
     def _run(self) -> None:
         jobs, results = self.jobs, self.results
         while True:
-            future, fn, args = jobs.get()
+            future, fn, args, then = jobs.get()
             try:
-                results.append((future, fn(*args), None))
+                results.append((future, fn(*args), None, then))
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting filter
-                results.append((future, None, exc))
+                results.append((future, None, exc, then))
             if (jobs.empty() or len(results) >= self.BATCH) and not self.wake_pending:
                 self.wake_pending = True
                 try:
@@ -237,10 +239,15 @@ class InspectionPool:
         self.wake_pending = False  # before draining: a result added meanwhile schedules another delivery
         results = self.results
         while results:
-            future, value, exc = results.popleft()
+            future, value, exc, then = results.popleft()
             self.pending -= 1
             if future.cancelled():
                 continue
+            if exc is None and then is not None:
+                try:
+                    value = then(value)
+                except Exception as error:  # noqa: BLE001 - handed to the awaiting filter
+                    exc = error
             if exc is None:
                 future.set_result(value)
             else:
@@ -261,8 +268,8 @@ def _pool(threads: int) -> InspectionPool:
 
 
 class AuditLog:
-    """One JSON line per request that matched a rule, written at once (matches are rare; each line is one
-    O_APPEND write, so workers sharing a file do not interleave lines)."""
+    """One JSON line per request that matched a rule, written at once from the loop's thread (matches are
+    rare; each line is one O_APPEND write, so workers sharing a file do not interleave lines)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -319,13 +326,13 @@ class WafFilter:
         transport = ex.conn.transport
         sock = transport.get_extra_info("sockname") if transport is not None else None
         peer = transport.get_extra_info("peername") if transport is not None else None
-        return pool.submit(self._run, (
-            ex, note, ex.client_ip or "0.0.0.0", peer[1] if peer else 0, sock[0] if sock else "0.0.0.0",
-            sock[1] if sock else 0, ex.method, ex.target, ex.http_version, ex.raw_headers, body, ex.request_id_bytes))
+        args = (ex.client_ip or "0.0.0.0", peer[1] if peer else 0, sock[0] if sock else "0.0.0.0",
+                sock[1] if sock else 0, ex.method, ex.target, ex.http_version, ex.raw_headers, body,
+                ex.request_id_bytes)
+        return pool.submit(self.engine.inspect, args, lambda verdict: self._decide(ex, verdict, note))
 
-    def _run(self, ex, note, *args):
-        """In an inspection thread: the engine's verdict, turned into the filter's answer."""
-        verdict = self.engine.inspect(*args)
+    def _decide(self, ex, verdict: Verdict, note: str | None):
+        """On the loop's thread: the engine's verdict as the filter's answer, and its audit line."""
         if verdict.matches or verdict.status or note:
             self._audit(ex, verdict, note)
         if verdict.status and self.blocking:
