@@ -1,12 +1,15 @@
-"""CRS's own regression tests (go-ftw YAML, /work/shared/waf/crs-3.3.4-regression) replayed through Bastion
+"""CRS's own regression tests (go-ftw YAML, ../shared/waf/crs-3.3.4-regression) replayed through Bastion
 with the WAF in block mode at paranoia level 1.
 
 Each stage's request is sent as raw bytes on its own connection (many are deliberately odd). What counts:
 - an attack: a stage whose `log_contains` names a rule CRS runs at paranoia level 1. It is blocked when
   Bastion answers 4xx without forwarding it (the WAF's 403, or the strict HTTP parser's 400 before the WAF)
-  or closes the connection on it. At least 97.8% must be (what nginx + ModSecurity + this CRS block).
-- a clean request: a stage with only `no_log_contains`. It must reach the backend, and the named rule must
-  not be in Bastion's WAF audit log.
+  or closes the connection on it. Bastion must block at least as many as nginx + ModSecurity with the same
+  rule files: measured in the same test when Debian's libnginx-mod-http-modsecurity is installed, else
+  the figure measured on this machine (376 of 390).
+- a request expected clean of its rule: a stage with only `no_log_contains`. The named rule must not be in
+  Bastion's audit log, and Bastion must stop no more of these requests (CRS flags some of them for other
+  reasons) than nginx + ModSecurity does.
 Stages aimed at rules of higher paranoia levels are not counted. Which rules matched is read from the audit
 log by request id (each request carries X-Request-ID).
 """
@@ -28,13 +31,16 @@ import yaml
 
 from bastion.security.waf import crs_paranoia_levels
 
-REGRESSION = Path(os.environ.get("CRS_REGRESSION_DIR", "/work/shared/waf/crs-3.3.4-regression"))
+# The tests live beside the repository (../shared/waf/crs-3.3.4-regression); CRS_REGRESSION_DIR overrides.
+REGRESSION = Path(os.environ.get("CRS_REGRESSION_DIR",
+                                 Path(__file__).resolve().parents[3] / "shared" / "waf" / "crs-3.3.4-regression"))
 CRS_RULES = "/usr/share/modsecurity-crs/rules"
 # nginx + ModSecurity + this CRS at paranoia 1 blocks 97.8% of the paranoia-1 attacks of CRS's whole
 # regression suite. Of the part kept here (mostly protocol-enforcement rules, several of which only add a
 # notice-level score that alone does not block) it blocks 376 of 390 (96.4%, measured by this runner when
 # Debian's libnginx-mod-http-modsecurity is installed, with the same rule files).
 NGINX_BLOCK_RATE = 376 / 390
+NGINX_STOPPED_CLEAN = 38  # of the 129 stages expected clean of their rule, stopped by nginx + ModSecurity
 
 pytestmark = pytest.mark.skipif(not REGRESSION.is_dir(), reason=f"no CRS regression tests at {REGRESSION}")
 
@@ -330,3 +336,4 @@ def test_crs_regression_suite_at_paranoia_1(bastion, tmp_path):
         assert ours.blocked >= reference.blocked
         assert ours.false_positives <= reference.false_positives
     assert ours.rate >= NGINX_BLOCK_RATE, ours.missed
+    assert ours.false_positives <= NGINX_STOPPED_CLEAN, ours.fps
