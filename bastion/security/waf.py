@@ -294,8 +294,10 @@ _FORBIDDEN = "The request was blocked by the web application firewall."
 class WafFilter:
     """Request phase: inspect, then block (403, or the rule's status) or pass; log what matched."""
 
-    def __init__(self, settings: WafSettings, engine: Engine, audit: AuditLog | None, route_name: str):
+    def __init__(self, settings: WafSettings, engine: Engine, audit: AuditLog | None, route_name: str,
+                 levels: dict | None = None):
         self.settings = settings
+        self.levels = levels or {}  # rule id -> CRS paranoia level, for the audit log
         self.engine = engine
         self.audit = audit
         self.route_name = route_name
@@ -367,7 +369,8 @@ class WafFilter:
             "action": "blocked" if blocked else ("detected" if would_block else "logged"),
             "status": verdict.status or None,
             "rules": [
-                {"id": m.id, "msg": m.message, "data": m.data, "severity": m.severity} for m in matches
+                {"id": m.id, "msg": m.message, "data": m.data, "severity": m.severity,
+                 "paranoia_level": self.levels.get(m.id)} for m in matches
             ],
         }
         if note:
@@ -385,6 +388,7 @@ def build_filters(config, routes_specs, route_names) -> tuple[dict, list]:
     (field path, message). Routes with equal engine settings share one loaded rule set."""
     engines: dict = {}
     audits: dict = {}
+    levels: dict = {}
     filters: dict = {}
     problems: list = []
     for index, spec in enumerate(routes_specs):
@@ -409,7 +413,9 @@ def build_filters(config, routes_specs, route_names) -> tuple[dict, list]:
             audit = audits.get(settings.audit_log)
             if audit is None:
                 audit = audits[settings.audit_log] = AuditLog(settings.audit_log)
-        filters[index] = WafFilter(settings, engine, audit, route_names[index])
+        if settings.crs_rules not in levels:
+            levels[settings.crs_rules] = crs_paranoia_levels(settings.crs_rules)
+        filters[index] = WafFilter(settings, engine, audit, route_names[index], levels[settings.crs_rules])
     return filters, problems
 
 

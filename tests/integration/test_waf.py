@@ -65,7 +65,7 @@ def test_block_mode_blocks_an_attack_and_logs_it_by_request_id(bastion, backend,
     ids = [r["id"] for r in line["rules"]]
     assert "942100" in ids and "949110" in ids  # libinjection SQLi, then CRS's anomaly score verdict
     sqli = next(r for r in line["rules"] if r["id"] == "942100")
-    assert "1' or 1=1--" in sqli["data"] and "SQL Injection" in sqli["msg"]
+    assert "1' or 1=1--" in sqli["data"] and "SQL Injection" in sqli["msg"] and sqli["paranoia_level"] == 1
     access = b.wait_access_log(1)
     assert access[-1]["error"] == "waf_blocked" and access[-1]["request_id"] == request_id
 
