@@ -527,7 +527,8 @@ class ClientConnection(asyncio.Protocol):
             if ex.expect_continue:
                 ex.expect_continue = False
                 self.send_continue()
-            self._resume(PAUSE_HOLD)
+            # Reading may also have stopped because much of the body was buffered before the filter asked.
+            self._resume(PAUSE_HOLD | PAUSE_BUFFER)
         return future
 
     def _answer_body_waiter(self, ex, body) -> None:
