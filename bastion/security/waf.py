@@ -2,7 +2,7 @@
 libmodsecurity3 (bastion.security.modsecurity).
 
 One CRS pass costs about half a millisecond to a few milliseconds of C, so it never runs on the event
-loop: it runs in a small per-worker thread pool (ctypes releases the GIL during each call), and the
+loop: it runs in a small per-worker thread pool (ctypes releases the GIL while the rules run), and the
 request waits in an async request filter. Rule sets are loaded at compile time, in the master, so a bad
 exclusion is a start-up error and forked workers share the loaded rules' memory.
 """
@@ -12,17 +12,18 @@ from __future__ import annotations
 import asyncio
 import glob
 import json
+import logging
 import os
+import queue
 import re
 import tempfile
-import logging
-import time
-import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
 from bastion.proxy.errors import error_response
+from bastion.proxy.exchange import Response
 from bastion.security.modsecurity import Engine, ModSecurityError, Verdict
 
 log = logging.getLogger("bastion.waf")
@@ -288,9 +289,6 @@ class AuditLog:
         os.write(self.fd, line)
 
 
-_FORBIDDEN = "The request was blocked by the web application firewall."
-
-
 class WafFilter:
     """Request phase: inspect, then block (403, or the rule's status) or pass; log what matched."""
 
@@ -318,7 +316,8 @@ class WafFilter:
                 ex.error = "waf_body_too_large"
                 return self._error(ex, 413)
             note = "body larger than body_limit: not inspected"
-        return await self._inspect(ex, body, note)
+        answer = self._inspect(ex, body, note)
+        return answer if isinstance(answer, Response) else await answer
 
     def _inspect(self, ex, body, note):
         pool = _pool(self.settings.threads)

@@ -280,3 +280,30 @@ def test_reload_changes_the_waf_settings(bastion, backend, tmp_path):
         assert time.monotonic() < deadline, "the reload did not switch the WAF to block mode"
         time.sleep(0.2)
     assert request(b.url + "/echo/fine")[0] == 200
+
+
+def test_inspections_beyond_max_pending_get_503(bastion, backend, tmp_path):
+    b, _ = start(bastion, backend, tmp_path, {"body_limit": "16MiB", "threads": 1, "max_pending": 1}, workers=1)
+    body = b"a=" + b"x y " * (1024 * 1024)
+    answers: list[int] = []
+
+    def slow():
+        raw = (b"POST /echo/big HTTP/1.1\r\nHost: example.com\r\nUser-Agent: t\r\nAccept: */*\r\n"
+               b"Content-Type: application/x-www-form-urlencoded\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        answers.append(parse_response(http_raw(b.port, raw, timeout=120))[0])
+
+    t = threading.Thread(target=slow)
+    t.start()
+    deadline = time.monotonic() + 60
+    statuses = set()
+    while time.monotonic() < deadline and t.is_alive():
+        status = request(b.url + "/echo/other")[0]
+        statuses.add(status)
+        if status == 503:
+            break
+        time.sleep(0.05)
+    t.join(120)
+    assert 503 in statuses, "no request was turned away while the one inspection slot was busy"
+    assert answers == [200]
+    assert request(b.url + "/echo/after")[0] == 200
