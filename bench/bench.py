@@ -218,6 +218,55 @@ listeners:
         self.workers["bastion"] = children(p.proc.pid)[0]
         self.bastion_has_cache = (ROOT / "examples" / "bench-cache.yaml").exists()
 
+    def setup_waf(self) -> None:
+        """Scenario 8's proxies: Bastion with the WAF on, and nginx + ModSecurity (Debian's
+        libnginx-mod-http-modsecurity) loading the very rule files Bastion generates: CRS 3.3.4, paranoia 1,
+        block mode, no audit log in either."""
+        sys.path.insert(0, str(ROOT))
+        from bastion.config.schema import Waf
+        from bastion.security.waf import effective_settings, rule_files
+
+        settings = effective_settings(Waf(mode="block", paranoia_level=1, audit_log=None), None)
+        rules_dir = self.tmp / "waf-rules"
+        rules_dir.mkdir()
+        modsec = self.tmp / "modsecurity.conf"
+        modsec.write_text("".join(f"Include {f}\n" for f in rule_files(settings, str(rules_dir))))
+
+        port = free_port()
+        env = dict(os.environ, BASTION_LISTEN=f"127.0.0.1:{port}", BASTION_UPSTREAM=f"127.0.0.1:{self.backend}",
+                   BASTION_WORKERS="1")
+        conf = self.tmp / "bastion-waf.yaml"
+        conf.write_text(f"""include: [{ROOT / "examples" / "bench.yaml"}]
+waf: {{mode: block, paranoia_level: 1, audit_log: null}}
+""")
+        p = self.start("bastion-waf", [str(BASTION), "run", "-c", str(conf)], PROXY_CPU, port, env=env, cwd=str(self.tmp))
+        self.ports["bastion-waf"] = port
+        deadline = time.monotonic() + 10
+        while not children(p.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.workers["bastion-waf"] = children(p.proc.pid)[0]
+
+        module = "/usr/lib/nginx/modules/ngx_http_modsecurity_module.so"
+        if not Path(module).exists():
+            self.notes.append("nginx + ModSecurity: libnginx-mod-http-modsecurity is not installed")
+            return
+        port = free_port()
+        conf = self.tmp / "nginx-waf.conf"
+        conf.write_text(f"""
+load_module {module};
+worker_processes 1; worker_rlimit_nofile 20000; daemon off; pid {self.tmp}/nginx-waf.pid; error_log {self.tmp}/nginx-waf.err;
+events {{ worker_connections 19000; }}
+http {{ access_log off; {self.temp_paths("nginx-waf")} keepalive_requests 1000000;
+  upstream b {{ server 127.0.0.1:{self.backend}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{port};
+    modsecurity on; modsecurity_rules_file {modsec};
+    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }} }}""")
+        p = self.start("nginx-waf", ["nginx", "-c", str(conf)], PROXY_CPU, port)
+        self.ports["nginx-waf"] = port
+        time.sleep(0.3)
+        self.workers["nginx-waf"] = children(p.proc.pid)[0] if children(p.proc.pid) else p.proc.pid
+
     def cleanup(self) -> None:
         for p in reversed(self.procs):
             p.stop()
@@ -383,8 +432,27 @@ def main() -> int:
         runs = per_proxy(lambda n: bench.h2load(f"https://127.0.0.1:{bench.tls_ports[n]}/1k"), names)
         sc["http2"] = {n: {"rps": median_spread([r["rps"] for r in runs[n]]) if n in runs else None} for n in PROXIES}
 
-        # 8. WAF
-        sc["waf"] = {n: None for n in PROXIES}
+        # 8. WAF: a plain browser-like GET (a Host name, User-Agent and Accept, so that no CRS rule matches
+        # and neither proxy writes a log line per request), WAF on; and the same request, WAF off.
+        print("8. WAF on (CRS 3.3.4, paranoia 1): Bastion vs nginx + ModSecurity ...", flush=True)
+        bench.setup_waf()
+        browser = bench.tmp / "browser.lua"
+        browser.write_text('wrk.headers["Host"] = "localhost"\n'
+                           'wrk.headers["User-Agent"] = "Mozilla/5.0 (X11; Linux x86_64) bench"\n'
+                           'wrk.headers["Accept"] = "text/html,*/*;q=0.8"\n')
+        waf_names = {"bastion": "bastion-waf", "nginx": "nginx-waf"}
+        waf_names = {k: v for k, v in waf_names.items() if v in bench.ports}
+        for v in waf_names.values():
+            bench.wrk(f"http://127.0.0.1:{bench.ports[v]}/1k", seconds=1, script=str(browser))
+        runs = per_proxy(lambda n: bench.wrk(f"http://127.0.0.1:{bench.ports[waf_names[n]]}/1k", script=str(browser),
+                                             pid=bench.workers[waf_names[n]]), list(waf_names))
+        sc["waf"] = {n: ({k: median_spread([r[k] for r in runs[n]]) for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req")}
+                         | {"errors": sum(r["errors"] for r in runs[n])}) if n in runs else None for n in PROXIES}
+        runs = per_proxy(lambda n: bench.wrk(f"http://127.0.0.1:{bench.ports[n]}/1k", script=str(browser),
+                                             pid=bench.workers[n]), ["bastion", "nginx"])
+        sc["waf_off"] = {n: {k: median_spread([r[k] for r in runs[n]]) for k in ("rps", "cpu_us_per_req")}
+                         if n in runs else None for n in PROXIES}
+        sc["waf_notes"] = bench.notes
     finally:
         bench.cleanup()
 
@@ -424,7 +492,11 @@ def report(results: dict) -> None:
     row("idle keep-alive: RSS bytes/connection", "", idle, 0, True)
     row("HTTPS keep-alive req/s", "", {k: sc["https"][k]["rps"] for k in PROXIES})
     row("HTTP/2 (h2load) req/s", "", {k: sc["http2"][k]["rps"] for k in PROXIES})
-    row("WAF on, req/s", "", sc["waf"])
+    waf = sc.get("waf") or {}
+    row("WAF on, req/s", "", {k: (waf.get(k) or {}).get("rps") for k in PROXIES})
+    row("  WAF on: proxy CPU per request (µs)", "", {k: (waf.get(k) or {}).get("cpu_us_per_req") for k in PROXIES}, 0, True)
+    off = sc.get("waf_off") or {}
+    row("  same request, WAF off, req/s", "", {k: (off.get(k) or {}).get("rps") for k in PROXIES})
     header = ("scenario", "Bastion", "nginx", "HAProxy", "Bastion/nginx", "Bastion/HAProxy")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(6)]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
@@ -435,6 +507,12 @@ def report(results: dict) -> None:
     print(f"\nwrk errors in pass-through runs: {errors}. Direct to backend: {fmt(p['direct']['rps'])} req/s.")
     print("Ratios: higher is better for Bastion (for latency, CPU and memory they are inverted, peer/Bastion).")
     print("Spread: (min–max) over the interleaved runs.")
+    waf = sc.get("waf") or {}
+    if any(waf.get(k) for k in PROXIES):
+        print(f"WAF: Bastion runs CRS in its worker's inspection threads, pinned with it to one CPU; nginx + ModSecurity "
+              f"in its one worker. wrk errors/non-2xx: { {k: v['errors'] for k, v in waf.items() if v} }.")
+    for note in sc.get("waf_notes") or []:
+        print("Note:", note)
 
 
 def machine() -> dict:

@@ -198,6 +198,14 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
     # Access lists and bans come before anything else a request meets.
     head[:0] = security.head()
 
+    waf_filters: dict = {}
+    if config.waf is not None or any(spec.waf is not None for spec in config.routes):
+        from bastion.security.waf import build_filters  # loads libmodsecurity only when a WAF is configured
+
+        waf_filters, waf_problems = build_filters(
+            config, config.routes, [spec.name or f"route-{i}" for i, spec in enumerate(config.routes)])
+        problems.extend(ConfigProblem(source, where, message) for where, message in waf_problems)
+
     timeouts = config.timeouts
     routes = []
     for index, spec in enumerate(config.routes):
@@ -206,6 +214,10 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         route.conditions = _conditions(spec)
         route.description = _describe(spec)
         filters = list(head) + security.route_front(spec, route.name, config)
+        if index in waf_filters:
+            # After access lists and rate limits (cheap refusals first), before rewrites: the WAF sees the
+            # request as the client sent it.
+            filters.append(waf_filters[index])
         if spec.rewrite is not None:
             rw = spec.rewrite
             filters.append(PathRewrite(rw.strip_prefix, rw.add_prefix,

@@ -688,6 +688,102 @@ class RouteSecurity(Section):
     headers: SecurityHeaders | None = None
 
 
+# -- WAF (docs/security.md#waf) -------------------------------------------------------------------------------
+
+class WafExclusion(Section):
+    """Rules switched off: everywhere, or only for requests whose path starts with `path`."""
+
+    rule_ids: list[int | str] = Field([], description="rule ids, or ranges such as '942100-942199'")
+    tags: list[str] = Field([], description="rule tags, e.g. 'attack-sqli' or 'paranoia-level/2'")
+    path: str | None = Field(None, description="only for request paths starting with this prefix")
+
+    @field_validator("rule_ids")
+    @classmethod
+    def _ids(cls, value: list) -> list:
+        for item in value:
+            text = str(item).strip()
+            low, sep, high = text.partition("-")
+            if not low.isdigit() or (sep and (not high.isdigit() or int(high) < int(low))):
+                raise ValueError(f"{item!r} is not a rule id or an id range such as '942100-942199'")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str]) -> list[str]:
+        for tag in value:
+            if not tag or '"' in tag or "'" in tag or "," in tag or any(c.isspace() for c in tag):
+                raise ValueError(f"{tag!r} is not a rule tag")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or '"' in value or any(c.isspace() for c in value)):
+            raise ValueError(f"{value!r}: a path prefix starts with '/' and has no spaces or quotes")
+        return value
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not self.rule_ids and not self.tags:
+            raise ValueError("an exclusion needs rule_ids or tags")
+        return self
+
+
+def _waf_body_limit(value: int) -> int:
+    if value > 64 * 1024 * 1024:
+        raise ValueError("body_limit is at most 64MiB (bodies are held in memory for inspection)")
+    return value
+
+
+class WafRouteSettings(Section):
+    """What a route may change of the global WAF settings (unset fields inherit them)."""
+
+    enabled: bool | None = Field(None, description="false: no WAF on this route; true: WAF even without a global one")
+    mode: Literal["off", "detect", "block"] | None = None
+    paranoia_level: int | None = Field(None, ge=1, le=4)
+    inbound_anomaly_threshold: int | None = Field(None, ge=1)
+    exclusions: list[WafExclusion] = Field([], description="added to the global exclusions")
+    body_limit: Size | None = None
+    on_body_limit: Literal["pass", "reject"] | None = None
+
+    @field_validator("body_limit")
+    @classmethod
+    def _body_limit(cls, value: int | None) -> int | None:
+        return value if value is None else _waf_body_limit(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, value):
+        if isinstance(value, bool):
+            return {"enabled": value}
+        return value
+
+
+class Waf(Section):
+    """The web application firewall: OWASP CRS run by libmodsecurity3 (docs/security.md)."""
+
+    enabled: bool = Field(True, description="false: the WAF only runs on routes that enable it")
+    mode: Literal["off", "detect", "block"] = Field("block", description="detect: log matches only")
+    paranoia_level: int = Field(1, ge=1, le=4)
+    inbound_anomaly_threshold: int = Field(5, ge=1, description="CRS anomaly score that blocks a request")
+    outbound_anomaly_threshold: int = Field(4, ge=1)
+    exclusions: list[WafExclusion] = []
+    body_limit: Size = Field(128 * 1024, description="request bodies up to this size are inspected")
+    on_body_limit: Literal["pass", "reject"] = Field("reject", description="larger bodies: 413, or pass uninspected")
+    audit_log: str | None = Field("stdout", description="JSON line per request that matched a rule: a file, "
+                                  "stdout, stderr; null: none")
+    threads: int = Field(2, ge=1, le=64, description="inspection threads per worker (the event loop never waits)")
+    max_pending: int = Field(1024, ge=1, description="inspections queued per worker before answering 503")
+    crs_setup: str = "/etc/modsecurity/crs/crs-setup.conf"
+    crs_rules: str = Field("/usr/share/modsecurity-crs/rules", description="directory of the CRS rule files")
+    extra_rules: list[str] = Field([], description="more ModSecurity rule files, loaded after CRS")
+
+    @field_validator("body_limit")
+    @classmethod
+    def _body_limit(cls, value: int) -> int:
+        return _waf_body_limit(value)
+
+
 def _upstream_kind(value) -> str:
     return "upstream-name" if isinstance(value, str) else "upstream-inline"
 
@@ -714,6 +810,7 @@ class Route(Section):
     limits: RouteLimits = RouteLimits()
     security: RouteSecurity = RouteSecurity()
     filters: list[FilterRef] = []
+    waf: WafRouteSettings | None = None
 
     @model_validator(mode="after")
     def _one_action(self):
@@ -780,6 +877,7 @@ class Config(Section):
     upstreams: dict[str, Upstream] = {}
     routes: list[Route] = Field(min_length=1)
     filters: list[FilterRef] = []
+    waf: Waf | None = None
 
     @model_validator(mode="after")
     def _security_consistent(self):

@@ -227,7 +227,9 @@ class ClientConnection(asyncio.Protocol):
             self.upstream = None
             up.abort()
         ex = self.active
+        self._drop_body_waiter(self.parsing)
         if ex is not None:
+            self._drop_body_waiter(ex)
             self.active = None
             engine.end_attempt(ex)
             if not ex.status:
@@ -342,7 +344,7 @@ class ClientConnection(asyncio.Protocol):
         raw.append((name, value))
 
     def _take_headers(self, ex) -> None:
-        raw = self.raw_headers
+        raw = ex.raw_headers = self.raw_headers
         self.raw_headers = self.trailers  # fields after the body (trailers) are not forwarded
         limits = self.limits
         size = 0
@@ -490,6 +492,10 @@ class ClientConnection(asyncio.Protocol):
                 return
         ex.body_chunks.append(body)
         ex.body_buffered += len(body)
+        if ex.body_waiter is not None:
+            if ex.body_buffered > ex.body_waiter[1]:
+                self._answer_body_waiter(ex, None)
+            return
         if ex is self.active and ex.waiting_body and ex.body_buffered >= BODY_PREFETCH:
             ex.waiting_body = False
             self._connect_or_attach(ex, ex.peer)
@@ -502,6 +508,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.parsing = None
         ex.request_complete = True
+        if ex.body_waiter is not None:
+            self._answer_body_waiter(ex, b"".join(ex.body_chunks))
         if self.active is None:
             # Answered before its end arrived (a local response): now the connection is idle.
             if not self.close_after and not self.closed and self.deadline_kind != DL_LINGER:
@@ -530,6 +538,40 @@ class ClientConnection(asyncio.Protocol):
             self._pause(PAUSE_TUNNEL)
         elif rest:
             self.data_received(rest)
+
+    # -- a request filter waiting for the whole body ----------------------------------------------------
+    def read_body(self, ex, limit: int):
+        """See Exchange.read_body. The async filter holds reading (PAUSE_HOLD); it is let go while the
+        body arrives and taken again once the waiter has its answer."""
+        future = self.loop.create_future()
+        if ex.body_chunks is None:
+            future.set_result(b"")
+        elif ex.body_buffered > limit or (ex.content_length is not None and ex.content_length > limit):
+            future.set_result(None)
+        elif ex.request_complete:
+            future.set_result(b"".join(ex.body_chunks))
+        else:
+            ex.body_waiter = (future, limit)
+            if ex.expect_continue:
+                ex.expect_continue = False
+                self.send_continue()
+            # Reading may also have stopped because much of the body was buffered before the filter asked.
+            self._resume(PAUSE_HOLD | PAUSE_BUFFER)
+        return future
+
+    def _answer_body_waiter(self, ex, body) -> None:
+        future = ex.body_waiter[0]
+        ex.body_waiter = None
+        if not self.closed:
+            self._pause(PAUSE_HOLD)
+        if not future.done():
+            future.set_result(body)
+
+    def _drop_body_waiter(self, ex) -> None:
+        if ex is not None and ex.body_waiter is not None:
+            future = ex.body_waiter[0]
+            ex.body_waiter = None
+            future.cancel()
 
     # -- forwarding -------------------------------------------------------------------------------------
     def send_continue(self) -> None:
@@ -951,6 +993,7 @@ class ClientConnection(asyncio.Protocol):
             up.abort()
         self.queue = None
         ex = self.parsing or self.active
+        self._drop_body_waiter(ex)
         if ex is None:
             ex = Exchange(self, monotonic())
             ex.client_ip = self.client_ip

@@ -100,6 +100,8 @@ class Exchange:
         "retries",
         "error_detail",
         "replacement",
+        "raw_headers",
+        "body_waiter",
     )
 
     def __init__(self, conn, start: float):
@@ -147,6 +149,8 @@ class Exchange:
         self.retries = 0
         self.error_detail: str | None = None
         self.replacement: Response | None = None  # a response filter's answer in place of the backend's
+        self.raw_headers: list[tuple[bytes, bytes]] = []  # every header as received, hop-by-hop ones too
+        self.body_waiter = None  # (future, limit) while a filter awaits the whole body (read_body)
 
     # -- identity -------------------------------------------------------------------------------------
     @property
@@ -191,6 +195,12 @@ class Exchange:
     @property
     def host_str(self) -> str:
         return self.host.decode("latin-1")
+
+    def read_body(self, limit: int):
+        """Awaitable: the whole request body (b"" when there is none) once it has arrived, or None when it
+        is larger than `limit` bytes (what arrived stays buffered and is still forwarded). For request
+        filters that must see the body before the request goes on, e.g. a WAF; others never pay for it."""
+        return self.conn.read_body(self, limit)
 
     def set_upstream_path(self, path: str | bytes) -> None:
         """Change the path (and query, if it contains '?') sent to the backend."""

@@ -407,9 +407,19 @@ def test_the_security_example_limits_and_sets_headers(backend, tmp_path):
         _, h, _ = get(f"http://127.0.0.1:{port}/echo/example")
         assert h["Content-Security-Policy"] == "default-src 'self'" and h["X-Frame-Options"] == "DENY"
         assert h["RateLimit-Policy"] == '"per-ip";q=5;w=1'
+        time.sleep(2.5)  # a few tokens back for the attack below
+        before = backend.stats()
+        status, h, _ = get(f"http://127.0.0.1:{port}/echo/x?id=1%27%20or%201=1--")
+        assert status == 403 and backend.stats() == before, "the WAF blocks a SQL injection before the backend"
+        blocked_id = h["X-Request-ID"] if "X-Request-ID" in h else None
     finally:
         proc.terminate()
-        proc.wait(20)
+        _, err = proc.communicate(timeout=20)
+    audit = [json.loads(line) for line in err.decode(errors="replace").splitlines() if line.startswith("{")]
+    blocked = [a for a in audit if a.get("action") == "blocked"]
+    assert blocked, audit
+    if blocked_id:
+        assert any(a.get("request_id") == blocked_id for a in blocked)
 
 
 def test_bans_and_rate_limit_state_survive_a_reload(bastion, backend):
