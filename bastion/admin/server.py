@@ -3,6 +3,8 @@
 GET /metrics   Prometheus text, summed over all workers (prometheus_client multiprocess mode)
 GET /healthz   200 "ok" while the worker is not draining
 POST /reload   asks the master to reload the configuration (same as SIGHUP)
+POST /cache/purge?url=URL | ?prefix=URL-PREFIX | ?tag=TAG | ?all=1
+               purges cached responses in every worker (see docs/caching.md); JSON answer
 """
 
 from __future__ import annotations
@@ -58,11 +60,35 @@ class AdminConnection(asyncio.Protocol):
                 self._send(503, b"draining\n", b"text/plain")
             else:
                 self._send(200, b"ok\n", b"text/plain")
+        elif path == b"/cache/purge" and method in (b"POST", b"PURGE"):
+            self._purge()
         elif path == b"/reload" and method == b"POST":
             os.kill(self.worker.master_pid, signal.SIGHUP)
             self._send(202, b"reload requested\n", b"text/plain")
         else:
             self._send(404, b"not found\n", b"text/plain")
+
+    def _purge(self) -> None:
+        import json
+        from urllib.parse import parse_qsl
+
+        cache = getattr(self.worker.runtime, "cache", None)
+        if cache is None:
+            self._send(404, b'{"error": "no route has a cache"}\n', b"application/json")
+            return
+        query = self.url.partition(b"?")[2].decode("latin-1")
+        args = dict(parse_qsl(query, keep_blank_values=True))
+        for kind in ("url", "prefix", "tag", "all"):
+            if kind in args:
+                value = args[kind]
+                if kind == "url" or kind == "prefix":
+                    value = _normalize_url(value)
+                purged = cache.purge(kind, value)
+                body = {"purged_here": purged, kind: value,
+                        "note": "purged in this worker now; the other workers apply it within a second"}
+                self._send(200, (json.dumps(body) + "\n").encode(), b"application/json")
+                return
+        self._send(400, b'{"error": "give url=, prefix=, tag= or all=1"}\n', b"application/json")
 
     def _send(self, status: int, body: bytes, content_type: bytes) -> None:
         head = (
@@ -71,3 +97,12 @@ class AdminConnection(asyncio.Protocol):
         )
         self.transport.write(head + body)
         self.transport.close()
+
+
+def _normalize_url(url: str) -> str:
+    """Scheme and host lower-cased, as the cache indexes them."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    host, slash, path = rest.partition("/")
+    return f"{scheme.lower()}://{host.lower()}{slash}{path}"

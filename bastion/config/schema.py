@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from bastion.config.units import Duration, Size
 
 
+IPNetwork = Annotated[Union[ipaddress.IPv4Network, ipaddress.IPv6Network], Field()]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -505,6 +508,62 @@ class FilterRef(Section):
         return value
 
 
+class CacheKey(Section):
+    """What makes two requests the same cached object."""
+
+    scheme: bool = True
+    host: bool = Field(True, description="the Host header as sent (lower-cased, with its port)")
+    query: Literal["all", "none", "sorted"] = Field("all", description="keep the query as sent, drop it, or "
+                                                    "sort its parameters")
+    query_ignore: list[str] = Field([], description="query parameters left out of the key (e.g. utm_source)")
+    query_keep: list[str] | None = Field(None, description="only these query parameters count")
+    sort_query: bool = False
+    headers: list[str] = Field([], description="request headers whose values are part of the key")
+    cookies: list[str] = Field([], description="cookies whose values are part of the key")
+
+
+class RouteCache(Section):
+    enabled: bool = True
+    key: CacheKey = CacheKey()
+    default_ttl: Duration | None = Field(None, description="freshness for responses that give none (RFC 9111 "
+                                         "gives them none: off by default)")
+    max_ttl: Duration | None = Field(None, description="cap on any response's freshness")
+    heuristic_fraction: float = Field(0.1, ge=0, le=1, description="heuristic freshness as a share of the time "
+                                      "since Last-Modified")
+    heuristic_max: Duration = 86400.0
+    methods: list[Literal["GET", "HEAD"]] = ["GET", "HEAD"]
+    statuses: str | None = Field(None, description="statuses that may be stored; default: those RFC 9110 "
+                                 "lets a cache understand (200, 203, 204, 300, 301, 302, 303, 307, 308, 404, "
+                                 "405, 410, 414, 501)")
+    max_object_size: Size = 8 << 20
+    store_set_cookie: bool = Field(False, description="store responses with Set-Cookie (stored without it)")
+    stale_while_revalidate: Duration = Field(0.0, description="default for responses that do not say")
+    stale_if_error: Duration = Field(0.0, description="default for responses that do not say")
+    grace: Duration = Field(0.0, description="serve stale up to this long past expiry when no backend answers")
+    collapse: bool = True
+    collapse_timeout: Duration = 5.0
+    purge_from: list[IPNetwork] = Field([], description="addresses allowed to send PURGE")
+
+    @field_validator("statuses")
+    @classmethod
+    def _statuses(cls, value):
+        if value is not None:
+            parse_status_set(value)
+        return value
+
+    @field_validator("purge_from", mode="before")
+    @classmethod
+    def _networks(cls, value):
+        if isinstance(value, list):
+            return [ipaddress.ip_network(str(v), strict=False) if isinstance(v, str) else v for v in value]
+        return value
+
+
+class CacheSettings(Section):
+    memory_size: Size = Field(256 << 20, description="bytes of responses each worker keeps in memory")
+    name: str = Field("Bastion", description="the cache's name in Cache-Status")
+
+
 def _upstream_kind(value) -> str:
     return "upstream-name" if isinstance(value, str) else "upstream-inline"
 
@@ -517,6 +576,13 @@ UpstreamRef = Annotated[
 
 
 class Route(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _cache_shorthand(cls, value):
+        if isinstance(value, dict) and isinstance(value.get("cache"), bool):
+            value = {**value, "cache": {"enabled": value["cache"]}}
+        return value
+
     name: str | None = None
     priority: int = 0
     match: Match = Match()
@@ -527,12 +593,15 @@ class Route(Section):
     request_headers: HeaderOps | None = None
     response_headers: HeaderOps | None = None
     upgrade: list[str] = ["websocket"]
+    cache: RouteCache | None = None
     timeouts: RouteTimeouts = RouteTimeouts()
     limits: RouteLimits = RouteLimits()
     filters: list[FilterRef] = []
 
     @model_validator(mode="after")
     def _one_action(self):
+        if self.cache is not None and self.upstream is None and self.cache.enabled:
+            raise ValueError("cache: needs a route with an upstream")
         given = [k for k in ("upstream", "redirect", "respond") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("a route needs exactly one of upstream, redirect, respond")
@@ -578,7 +647,6 @@ class ProxySettings(Section):
     server_header: str | None = None
 
 
-IPNetwork = Annotated[Union[ipaddress.IPv4Network, ipaddress.IPv6Network], Field()]
 
 
 class Config(Section):
@@ -595,6 +663,7 @@ class Config(Section):
     acme: Acme | None = None
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
+    cache: CacheSettings = CacheSettings()
     upstreams: dict[str, Upstream] = {}
     routes: list[Route] = Field(min_length=1)
     filters: list[FilterRef] = []

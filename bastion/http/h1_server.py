@@ -881,6 +881,33 @@ class ClientConnection(asyncio.Protocol):
             self.close_after = True
         self._end_exchange(ex)
 
+    def write_local_wire(self, ex, response) -> None:
+        """A local response whose header lines are prebuilt (a cache hit): one write, nothing rebuilt."""
+        if not ex.request_complete:
+            ex.discard_body = True
+            self.close_after = True
+        self.resp_started = True
+        if self.close_after or not ex.keep_alive or self.worker.draining:
+            self.close_after = True
+            end = b"Connection: close\r\n\r\n"
+        elif ex.http_version == "1.0":
+            end = b"Connection: keep-alive\r\n\r\n"
+        else:
+            end = b"\r\n"
+        body = response.body
+        if body and ex.method != b"HEAD":
+            ex.bytes_out += len(body)
+            if len(body) <= 16384:
+                self._send(status_line(ex.status) + response.wire + end + body)
+            else:
+                self._sendv((status_line(ex.status) + response.wire + end, body))
+        else:
+            self._send(status_line(ex.status) + response.wire + end)
+        if self.upgrading:
+            self.upgrading = False
+            self.close_after = True
+        self._end_exchange(ex)
+
     def _end_exchange(self, ex, now: float = 0.0) -> None:
         self.active = None
         self.resp_started = False

@@ -30,7 +30,7 @@ def new_request_id() -> bytes:
 class Response:
     """An answer produced by Bastion itself (a filter's early answer, a redirect, an error page)."""
 
-    __slots__ = ("status", "headers", "body")
+    __slots__ = ("status", "headers", "body", "wire")
 
     def __init__(
         self,
@@ -49,6 +49,10 @@ class Response:
         if content_type is not None:
             items.append((b"Content-Type", content_type.encode("latin-1")))
         self.headers = Headers(items)
+        # Optional prebuilt header lines (each ending CRLF, Content-Length included, no Connection): such a
+        # response is written as is, without the response phase. Only for a filter that knows no other
+        # response filter is on the route (the cache's hits).
+        self.wire: bytes | None = None
 
 
 class Exchange:

@@ -81,6 +81,7 @@ class Runtime:
     listeners: dict = field(default_factory=dict)
     acme_names: list = field(default_factory=list)
     cert_files: list = field(default_factory=list)
+    cache: object = None  # bastion.cache.runtime.CacheRuntime when a route caches
 
     def tick(self, now: float) -> None:
         if self.health_table is not None:

@@ -1,0 +1,81 @@
+"""The node's cache as the compiled runtime holds it: the store, the purge journal shared by the workers,
+and the event counts that go to Prometheus."""
+
+from __future__ import annotations
+
+from time import time
+
+from bastion.cache.memory import MemoryStore
+from bastion.cache.purge import POLL_EVERY, PurgeJournal
+
+
+class _Prom:
+    def __init__(self):
+        from prometheus_client import Counter, Gauge
+
+        self.events = Counter("bastion_cache_events", "Cache events by route: hit, miss, stale (stale served), "
+                              "revalidation (conditional requests sent), revalidated (304s that refreshed an "
+                              "entry), collapsed (requests that waited for another's fetch), stored, eviction, "
+                              "purged, invalidated, bypass", ["route", "event"])
+        self.bytes = Gauge("bastion_cache_bytes", "Bytes held by the memory store", multiprocess_mode="livesum")
+        self.entries = Gauge("bastion_cache_entries", "Responses held by the memory store",
+                             multiprocess_mode="livesum")
+
+
+class CacheRuntime:
+    def __init__(self, settings):
+        self.name = settings.name
+        self.store = MemoryStore(settings.memory_size)
+        self.journal = PurgeJournal()
+        self.next_poll = 0.0
+        self.counts: dict[str, dict] = {}
+        self._prom = None
+
+    def counts_for(self, route: str) -> dict:
+        from bastion.cache.filter import Counts
+
+        counts = self.counts.get(route)
+        if counts is None:
+            counts = self.counts[route] = Counts().values
+        return counts
+
+    # -- purge ---------------------------------------------------------------------------------------------
+    def purge(self, kind: str, value: str) -> int:
+        """Purge here now and tell the other workers; the number purged in this worker."""
+        n = self._apply(kind, value)
+        self.journal.publish(kind, value)
+        return n
+
+    def _apply(self, kind: str, value: str) -> int:
+        store = self.store
+        if kind == "url":
+            n = store.purge_url(value)
+        elif kind == "prefix":
+            n = store.purge_prefix(value)
+        elif kind == "tag":
+            n = store.purge_tag(value)
+        else:
+            n = store.purge_all()
+        if n:
+            counts = self.counts_for("")
+            counts["purged"] += n
+        return n
+
+    def poll(self, now: float | None = None) -> None:
+        self.next_poll = (now or time()) + POLL_EVERY
+        for kind, value in self.journal.pending():
+            self._apply(kind, value)
+
+    # -- metrics (runtime tick) ----------------------------------------------------------------------------------
+    def flush(self) -> None:
+        self.poll()
+        prom = self._prom
+        if prom is None:
+            prom = self._prom = _Prom()
+        for route, counts in self.counts.items():
+            for event, n in counts.items():
+                if n:
+                    prom.events.labels(route, event).inc(n)
+                    counts[event] = 0
+        prom.bytes.set(self.store.bytes)
+        prom.entries.set(self.store.count)
