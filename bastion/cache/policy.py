@@ -342,11 +342,11 @@ def byte_range(range_header: str, length: int) -> tuple[int, int] | None | str:
     if not first_text.isdigit() or (last_text and not last_text.isdigit()):
         return None
     first = int(first_text)
-    last = int(last_text) if last_text else length - 1
-    if last < first:
+    if last_text and int(last_text) < first:
         return None
     if first >= length:
         return "unsatisfiable"
+    last = int(last_text) if last_text else length - 1
     return first, min(last, length - 1)
 
 
