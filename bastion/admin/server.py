@@ -85,7 +85,7 @@ class AdminConnection(asyncio.Protocol):
                     value = _normalize_url(value)
                 purged = cache.purge(kind, value)
                 body = {"purged_here": purged, kind: value,
-                        "note": "purged in this worker now; the other workers apply it within a second"}
+                        "note": "purged in this worker; the others apply it before their next cache lookup"}
                 self._send(200, (json.dumps(body) + "\n").encode(), b"application/json")
                 return
         self._send(400, b'{"error": "give url=, prefix=, tag= or all=1"}\n', b"application/json")

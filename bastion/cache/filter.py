@@ -164,8 +164,8 @@ class HttpCache:
             return None
         now = time()
         shared = self.shared
-        if now >= shared.next_poll:
-            shared.poll(now)
+        if shared.journal_seq(shared.journal_mm, 0)[0] != shared.journal.seen:
+            shared.poll()  # another worker purged something: apply it before answering from the store
         key = self.key_of(ex)
         client = None
         for name, value in ex.headers:

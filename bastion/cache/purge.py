@@ -3,8 +3,8 @@
 Each worker has its own memory store, and the admin API (or a PURGE request) lands on one worker. The
 master creates this journal before it forks: a ring of purge records in anonymous shared memory with a
 sequence number. The worker that takes a purge applies it at once and appends it; the others read records
-newer than the last one they applied at their next cache lookup (at most every POLL_EVERY seconds) and on
-the runtime tick (every second), so a purge is everywhere within a second even on an idle worker. A worker
+newer than the last one they applied before their next cache lookup (one 8-byte read per lookup), so once
+the purge is answered no worker serves the purged copy; idle workers also apply it on the runtime tick. A worker
 that fell more than a ring behind empties its whole store rather than miss a purge.
 """
 
@@ -22,7 +22,6 @@ _RECORD = struct.Struct("<QBH")  # sequence, kind, length of the value
 KINDS = {"url": 1, "prefix": 2, "tag": 3, "all": 4}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 MAX_VALUE = SLOT - _RECORD.size
-POLL_EVERY = 0.05
 
 
 class PurgeJournal:

@@ -3,10 +3,8 @@ and the event counts that go to Prometheus."""
 
 from __future__ import annotations
 
-from time import time
-
 from bastion.cache.memory import MemoryStore
-from bastion.cache.purge import POLL_EVERY, PurgeJournal
+from bastion.cache.purge import _SEQ, PurgeJournal
 
 
 class _Prom:
@@ -27,7 +25,8 @@ class CacheRuntime:
         self.name = settings.name
         self.store = MemoryStore(settings.memory_size)
         self.journal = PurgeJournal()
-        self.next_poll = 0.0
+        self.journal_mm = self.journal.mm
+        self.journal_seq = _SEQ.unpack_from
         self.counts: dict[str, dict] = {}
         self._prom = None
 
@@ -61,8 +60,7 @@ class CacheRuntime:
             counts["purged"] += n
         return n
 
-    def poll(self, now: float | None = None) -> None:
-        self.next_poll = (now or time()) + POLL_EVERY
+    def poll(self) -> None:
         for kind, value in self.journal.pending():
             self._apply(kind, value)
 

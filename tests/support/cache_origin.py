@@ -45,7 +45,9 @@ def add_routes(app: web.Application) -> None:
         if "etag" in q:
             headers["ETag"] = q["etag"]
         if "lm" in q:
-            headers["Last-Modified"] = formatdate(now - float(q["lm"]), usegmt=True)
+            # Fixed at the path's first request, so that later requests see the same Last-Modified.
+            modified = state.setdefault("lm", {}).setdefault(path, int(now - float(q["lm"])))
+            headers["Last-Modified"] = formatdate(modified, usegmt=True)
         if "expires" in q:
             value = q["expires"]
             try:
@@ -69,7 +71,7 @@ def add_routes(app: web.Application) -> None:
         elif status == 200 and "lm" in q and ims is not None and inm is None:
             from email.utils import parsedate_to_datetime
 
-            if parsedate_to_datetime(ims).timestamp() >= int(now - float(q["lm"])):
+            if parsedate_to_datetime(ims).timestamp() >= state["lm"][path]:
                 return web.Response(status=304, headers=headers)
         body = q.get("body", f"{path} #{n}")
         if "size" in q:
