@@ -47,6 +47,8 @@ class ForwardingHeaders:
         # x_forwarded on, Forwarded off, Host kept: the shape of most deployments, served by a fast path.
         self.simple = x_forwarded and not forwarded and preserve_host
         self._fixed: dict[str, dict[str, tuple]] = {"http": {}, "https": {}}
+        if self.request_id_header is None:
+            self.response_filter = None  # nothing to add to responses: keep out of the response phase
 
     def _fixed_for(self, client_ip: str, scheme: str) -> tuple:
         fixed = [(b"X-Forwarded-For", client_ip.encode()), (b"X-Forwarded-Proto", scheme.encode())]
