@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, urlencode
 from bastion.cache import policy
 from bastion.cache.memory import Entry
 from bastion.config.schema import parse_status_set
-from bastion.http.headers import Headers
+from bastion.http.headers import Headers, status_line
 from bastion.proxy.exchange import Response
 
 log = logging.getLogger("bastion.cache")
@@ -203,7 +203,7 @@ class HttpCache:
             route = ex.route
             self.fast = route.on_response == (self.response_filter,)
         if self.fast:
-            wire = [entry.head_bytes, b"Age: %d\r\nCache-Status: %s\r\n" % (age, cache_status)]
+            wire = [status_line(entry.status), entry.head_bytes, b"Age: %d\r\nCache-Status: %s\r\n" % (age, cache_status)]
             if entry.status >= 200 and entry.status not in (204, 304):
                 wire.append(b"Content-Length: %d\r\n" % len(entry.body))
             response.wire = b"".join(wire)
@@ -390,6 +390,7 @@ class HttpCache:
         if mode == UNSAFE:
             if 200 <= status < 400 and not ex.error:
                 self._invalidate(ex, headers)
+            headers.append((b"Cache-Status", self.name + b"; fwd=method"))
             return None
         if mode == BYPASS:
             headers.append((b"Cache-Status", self.name + b"; " + state.detail))
@@ -409,6 +410,8 @@ class HttpCache:
             return self._revalidated(ex, state, entry, headers, now)
         meta = self._storable(ex, state, status, headers, now)
         if meta is None:
+            if entry is not None and not entry.dead:
+                self.store.remove(entry)  # the origin has a new answer that is not to be stored
             self._release(state)
             headers.append((b"Cache-Status", self.name + b"; " + state.detail + b"; fwd-status=%d" % status))
             return None

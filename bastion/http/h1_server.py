@@ -898,11 +898,11 @@ class ClientConnection(asyncio.Protocol):
         if body and ex.method != b"HEAD":
             ex.bytes_out += len(body)
             if len(body) <= 16384:
-                self._send(status_line(ex.status) + response.wire + end + body)
+                self._send(response.wire + end + body)
             else:
-                self._sendv((status_line(ex.status) + response.wire + end, body))
+                self._sendv((response.wire + end, body))
         else:
-            self._send(status_line(ex.status) + response.wire + end)
+            self._send(response.wire + end)
         if self.upgrading:
             self.upgrading = False
             self.close_after = True

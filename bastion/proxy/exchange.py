@@ -49,7 +49,8 @@ class Response:
         if content_type is not None:
             items.append((b"Content-Type", content_type.encode("latin-1")))
         self.headers = Headers(items)
-        # Optional prebuilt header lines (each ending CRLF, Content-Length included, no Connection): such a
+        # Optional prebuilt head: status line and header lines (Content-Length included, no Connection, no
+        # final empty line). Such a
         # response is written as is, without the response phase. Only for a filter that knows no other
         # response filter is on the route (the cache's hits).
         self.wire: bytes | None = None
