@@ -83,12 +83,20 @@ class AdminConnection(asyncio.Protocol):
                 value = args[kind]
                 if kind == "url" or kind == "prefix":
                     value = _normalize_url(value)
-                purged = cache.purge(kind, value)
-                body = {"purged_here": purged, kind: value,
-                        "note": "purged in this worker; the others apply it before their next cache lookup"}
-                self._send(200, (json.dumps(body) + "\n").encode(), b"application/json")
+                asyncio.get_event_loop().create_task(self._purge_and_answer(cache, kind, value))
                 return
         self._send(400, b'{"error": "give url=, prefix=, tag= or all=1"}\n', b"application/json")
+
+    async def _purge_and_answer(self, cache, kind: str, value: str) -> None:
+        import json
+
+        here, shared = await cache.purge_and_wait(kind, value)
+        body = {"purged_here": here, kind: value,
+                "note": "purged in this worker; the others apply it before their next cache lookup"}
+        if shared is not None:
+            body["purged_in_redis"] = shared
+        if self.transport is not None and not self.transport.is_closing():
+            self._send(200, (json.dumps(body) + "\n").encode(), b"application/json")
 
     def _send(self, status: int, body: bytes, content_type: bytes) -> None:
         head = (

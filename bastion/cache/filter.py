@@ -85,6 +85,7 @@ class HttpCache:
         self.route_name = route_name
         self.shared = shared
         self.store = shared.store
+        self.remote = shared.redis if spec.store == "redis" else None  # the shared second level
         self.counts = shared.counts_for(route_name)
         self.name = shared.name.encode()
         self.spec = spec
@@ -191,7 +192,22 @@ class HttpCache:
                 return self._hit_response(ex, entry, now)
         else:
             entry = None
+        if entry is None and self.remote is not None:
+            return self._remote_lookup(ex, key, client, now)
         return self._lookup(ex, key, entry, client, now)
+
+    async def _remote_lookup(self, ex, key: bytes, client, now: float):
+        """Not in this worker's memory: ask the shared store, keep what it has here too."""
+        remote = self.remote
+        remote.subscribe(self.shared.apply_remote)
+        entry = await remote.get(key, lambda names: _variant(names, ex.headers))
+        if entry is not None:
+            self.store.put(entry)
+            now = time()
+        result = self._lookup(ex, key, entry, client, now)
+        if result is not None and not isinstance(result, Response):
+            result = await result
+        return result
 
     def _hit_response(self, ex, entry: Entry, now: float) -> Response:
         second = int(now)
@@ -372,9 +388,16 @@ class HttpCache:
             return Response(405, "PURGE is not allowed from this address\n", [(b"Allow", b"GET, HEAD")],
                             content_type="text/plain")
         url = self.url_of(ex)
+        if self.shared.redis is not None:
+            return self._purge_everywhere(url)
         purged = self.shared.purge("url", url)
         return Response(200, '{"purged": %d, "url": "%s"}\n' % (purged, url.replace('"', "%22")),
                         content_type="application/json")
+
+    async def _purge_everywhere(self, url: str) -> Response:
+        here, shared = await self.shared.purge_and_wait("url", url)
+        return Response(200, '{"purged": %d, "purged_in_redis": %d, "url": "%s"}\n'
+                        % (here, shared or 0, url.replace('"', "%22")), content_type="application/json")
 
     # -- response phase ---------------------------------------------------------------------------------------
     def response_filter(self, ex):
@@ -411,7 +434,7 @@ class HttpCache:
         meta = self._storable(ex, state, status, headers, now)
         if meta is None:
             if entry is not None and not entry.dead:
-                self.store.remove(entry)  # the origin has a new answer that is not to be stored
+                self._remove(entry)  # the origin has a new answer that is not to be stored
             self._release(state)
             headers.append((b"Cache-Status", self.name + b"; " + state.detail + b"; fwd-status=%d" % status))
             return None
@@ -508,9 +531,18 @@ class HttpCache:
         entry.head_bytes = b"".join(n + b": " + v + b"\r\n" for n, v in entry.headers)
         entry.size = len(entry.body) + len(entry.head_bytes) + len(entry.key) + 400
         before = self.store.evictions
-        if self.store.put(entry):
-            self.counts["stored"] += 1
+        stored = self.store.put(entry)
         self.counts["eviction"] += self.store.evictions - before
+        if self.remote is not None:
+            asyncio.get_event_loop().create_task(self.remote.put(entry))
+            stored = True
+        if stored:
+            self.counts["stored"] += 1
+
+    def _remove(self, entry: Entry) -> None:
+        self.store.remove(entry)
+        if self.remote is not None:
+            asyncio.get_event_loop().create_task(self.remote.remove(entry))
 
     def _release(self, state) -> None:
         future = state.pending
@@ -647,7 +679,7 @@ class HttpCache:
             fake = _Fetched(ex, result.status)
             fresh = self._storable(fake, state, result.status, clean, now)
             if fresh is None:
-                self.store.remove(entry)
+                self._remove(entry)
                 return
             fresh.body = result.body
             self._put(fresh)

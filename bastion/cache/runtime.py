@@ -24,6 +24,11 @@ class CacheRuntime:
     def __init__(self, settings):
         self.name = settings.name
         self.store = MemoryStore(settings.memory_size)
+        self.redis = None
+        if settings.redis is not None:
+            from bastion.cache.redis_store import RedisStore
+
+            self.redis = RedisStore(settings.redis.url, settings.redis.prefix, settings.redis.timeout)
         self.journal = PurgeJournal()
         self.journal_mm = self.journal.mm
         self.journal_seq = _SEQ.unpack_from
@@ -40,10 +45,26 @@ class CacheRuntime:
 
     # -- purge ---------------------------------------------------------------------------------------------
     def purge(self, kind: str, value: str) -> int:
-        """Purge here now and tell the other workers; the number purged in this worker."""
+        """Purge here now and tell the other workers (and, with Redis, start purging it and the other
+        nodes); the number purged in this worker."""
         n = self._apply(kind, value)
         self.journal.publish(kind, value)
+        if self.redis is not None:
+            import asyncio
+
+            asyncio.get_event_loop().create_task(self.redis.purge(kind, value))
         return n
+
+    async def purge_and_wait(self, kind: str, value: str) -> tuple[int, int | None]:
+        """As purge, but done in Redis (and announced to the other nodes) before it returns."""
+        n = self._apply(kind, value)
+        self.journal.publish(kind, value)
+        shared = await self.redis.purge(kind, value) if self.redis is not None else None
+        return n, shared
+
+    def apply_remote(self, kind: str, value: str) -> None:
+        """A purge announced over Redis (by any worker of any node, this one included)."""
+        self._apply(kind, value)
 
     def _apply(self, kind: str, value: str) -> int:
         store = self.store

@@ -524,6 +524,8 @@ class CacheKey(Section):
 
 class RouteCache(Section):
     enabled: bool = True
+    store: Literal["memory", "redis"] = Field("memory", description="redis: shared by every worker and node "
+                                              "(with the memory store as a first level)")
     key: CacheKey = CacheKey()
     default_ttl: Duration | None = Field(None, description="freshness for responses that give none (RFC 9111 "
                                          "gives them none: off by default)")
@@ -559,8 +561,15 @@ class RouteCache(Section):
         return value
 
 
+class CacheRedis(Section):
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
+    prefix: str = "bastion:cache:"
+    timeout: Duration = Field(0.25, description="a lookup slower than this is a miss")
+
+
 class CacheSettings(Section):
     memory_size: Size = Field(256 << 20, description="bytes of responses each worker keeps in memory")
+    redis: CacheRedis | None = Field(None, description="the shared store for routes with store: redis")
     name: str = Field("Bastion", description="the cache's name in Cache-Status")
 
 
@@ -667,6 +676,13 @@ class Config(Section):
     upstreams: dict[str, Upstream] = {}
     routes: list[Route] = Field(min_length=1)
     filters: list[FilterRef] = []
+
+    @model_validator(mode="after")
+    def _cache_stores(self):
+        for index, route in enumerate(self.routes):
+            if route.cache is not None and route.cache.store == "redis" and self.cache.redis is None:
+                raise ValueError(f"routes[{index}].cache.store is redis: give cache.redis (url, prefix)")
+        return self
 
     @field_validator("workers")
     @classmethod
