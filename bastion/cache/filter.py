@@ -482,8 +482,10 @@ class HttpCache:
         entry.key = state.key
         entry.url = self.url_of(ex)
         entry.status = status
-        entry.headers = [(n, v) for n, v in headers if n.lower().decode("latin-1") not in policy.NOT_STORED
-                         and (self.store_set_cookie is False or n.lower() != b"set-cookie")]
+        left_out = policy.NOT_STORED | policy.fields_not_stored(response_cc, fields.get("connection", []))
+        if self.store_set_cookie:
+            left_out |= {"set-cookie"}  # stored without it: a cookie is never replayed to another client
+        entry.headers = [(n, v) for n, v in headers if n.lower().decode("latin-1") not in left_out]
         entry.request_time = state.request_time or now
         entry.response_time = now
         entry.date = date
@@ -493,7 +495,7 @@ class HttpCache:
         entry.cc = response_cc
         entry.etag = etag
         entry.last_modified = last_modified
-        entry.needs_check = "no-cache" in response_cc
+        entry.needs_check = policy.unqualified(response_cc, "no-cache")
         entry.auth_ok = "public" in response_cc or "s-maxage" in response_cc or "must-revalidate" in response_cc
         entry.swr = policy.stale_window(response_cc, "stale-while-revalidate", self.swr)
         entry.sie = policy.stale_window(response_cc, "stale-if-error", self.sie)
@@ -558,8 +560,11 @@ class HttpCache:
         9111 4.3.4) and answer the client from the stored response."""
         self.counts["revalidated"] += 1
         self._freshen(entry, headers, state.request_time, now)
-        return self._answer(ex, entry, now, state.client or {},
-                            self.name + b"; " + state.detail + b"; fwd-status=304")
+        response = self._answer(ex, entry, now, state.client or {},
+                                self.name + b"; " + state.detail + b"; fwd-status=304")
+        # A cookie set by this 304 is for this client only: returned, never stored.
+        response.headers.raw.extend((n, v) for n, v in headers if n.lower() == b"set-cookie")
+        return response
 
     def _freshen(self, entry: Entry, headers: list, request_time: float, now: float) -> None:
         etag = None
@@ -571,7 +576,7 @@ class HttpCache:
         updates = {}
         for n, v in headers:
             lname = n.lower().decode("latin-1")
-            if lname in policy.NOT_UPDATED or lname == "cache-status":
+            if lname in policy.NOT_UPDATED or lname == "set-cookie":
                 continue
             updates.setdefault(lname, []).append((n, v))
         kept = [(n, v) for n, v in entry.headers if n.lower().decode("latin-1") not in updates]
@@ -600,7 +605,7 @@ class HttpCache:
             heuristic_fraction=self.heuristic_fraction, heuristic_max=self.heuristic_max,
             default_ttl=self.default_ttl, max_ttl=self.max_ttl)
         entry.fresh_until = now + entry.lifetime - entry.initial_age
-        entry.needs_check = "no-cache" in response_cc
+        entry.needs_check = policy.unqualified(response_cc, "no-cache")
         entry.swr = policy.stale_window(response_cc, "stale-while-revalidate", self.swr)
         entry.sie = policy.stale_window(response_cc, "stale-if-error", self.sie)
         entry.head_bytes = b"".join(n + b": " + v + b"\r\n" for n, v in entry.headers)

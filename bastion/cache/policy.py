@@ -27,7 +27,7 @@ NOT_STORED = frozenset({
     "cache-status",
 })
 # Fields a 304 must not change in the stored response (RFC 9111 3.2).
-NOT_UPDATED = NOT_STORED | {"content-encoding", "content-range", "content-type", "etag-ignore"}
+NOT_UPDATED = NOT_STORED | {"content-range"}
 # Fields sent with a 304 answered from the cache (RFC 9110 15.4.5), besides Age.
 NOT_MODIFIED_FIELDS = frozenset({
     "cache-control", "content-location", "date", "etag", "expires", "vary", "last-modified",
@@ -153,8 +153,8 @@ def storable(method: str, status: int, request_cc: dict, response_cc: dict, *, h
         return "status"
     if "no-store" in request_cc:
         return "request-no-store"
-    if "private" in response_cc:
-        return "private"
+    if "private" in response_cc and response_cc["private"] is None:
+        return "private"  # a qualified private only keeps the listed fields out (see fields_not_stored)
     if has_authorization and not ("public" in response_cc or "s-maxage" in response_cc
                                   or "must-revalidate" in response_cc):
         return "authorization"
@@ -163,7 +163,7 @@ def storable(method: str, status: int, request_cc: dict, response_cc: dict, *, h
     if has_set_cookie and not store_set_cookie:
         return "set-cookie"
     explicit = ("public" in response_cc or "max-age" in response_cc or "s-maxage" in response_cc or has_expires
-                or "no-cache" in response_cc)
+                or unqualified(response_cc, "no-cache"))
     if not explicit and status not in HEURISTIC_STATUSES and not has_default_ttl:
         return "no-freshness"
     if not explicit and not has_validator and not has_default_ttl and status in HEURISTIC_STATUSES:
@@ -201,6 +201,24 @@ def freshness_lifetime(response_cc: dict, *, date: float | None, expires: str | 
     if max_ttl is not None:
         lifetime = min(lifetime, max_ttl)
     return lifetime
+
+
+def unqualified(cc: dict, directive: str) -> bool:
+    """The directive is present without a field-name list (`no-cache`, not `no-cache="Set-Cookie"`)."""
+    return directive in cc and cc[directive] is None
+
+
+def fields_not_stored(response_cc: dict, connection: list[str]) -> frozenset[str]:
+    """Fields a shared cache must leave out of the stored response: those named by a qualified no-cache
+    or private (RFC 9111 5.2.2.4, 5.2.2.7) and by Connection (RFC 9110 7.6.1)."""
+    names = set()
+    for directive in ("no-cache", "private"):
+        value = response_cc.get(directive)
+        if value:
+            names.update(n.strip().lower() for n in value.split(",") if n.strip())
+    for value in connection:
+        names.update(n.strip().lower() for n in value.split(",") if n.strip())
+    return frozenset(names)
 
 
 def is_heuristic(response_cc: dict, has_expires: bool) -> bool:
@@ -242,7 +260,7 @@ def revalidation_required(response_cc: dict) -> bool:
 def use_decision(*, lifetime: float, age: float, response_cc: dict, request_cc: dict,
                  request_no_cache: bool) -> str:
     """Whether a stored response may answer this request as is, stale, or only after revalidation."""
-    if "no-cache" in response_cc or request_no_cache:
+    if unqualified(response_cc, "no-cache") or request_no_cache:
         return REVALIDATE
     max_age = delta_seconds(request_cc.get("max-age")) if "max-age" in request_cc else None
     if "max-age" in request_cc and max_age is None:
@@ -273,7 +291,7 @@ def stale_window(response_cc: dict, directive: str, configured: float = 0.0) -> 
     if directive in response_cc:
         value = delta_seconds(response_cc[directive])
         return float(value) if value is not None else 0.0
-    if revalidation_required(response_cc) or "no-cache" in response_cc:
+    if revalidation_required(response_cc) or unqualified(response_cc, "no-cache"):
         return 0.0
     return configured
 

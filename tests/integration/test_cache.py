@@ -45,7 +45,8 @@ def url(query="", name=None):
 
 
 def q(**params):
-    return urllib.parse.urlencode({k.replace("_", "-") if k.startswith("h_") else k: v for k, v in params.items()})
+    return urllib.parse.urlencode({k.replace("_", "-") if k[:2] in ("h_", "l_") else k: v
+                                   for k, v in params.items()})
 
 
 def config(backend, **cache):
@@ -128,6 +129,28 @@ def test_no_store_and_private_are_not_cached(cached, backend, directive):
     request(cached, path)
     _, h, _ = request(cached, path)
     assert hits(backend, path) == 2 and "stored" not in h["cache-status"]
+
+
+def test_qualified_no_cache_stores_the_response_without_the_listed_fields(cached, backend):
+    path = url(q(cc='max-age=60, no-cache="X-Secret"', h_X_Secret="s3", h_X_Kept="k"))
+    _, first, _ = request(cached, path)
+    assert first["x-secret"] == "s3"  # the response itself is untouched
+    _, h, _ = request(cached, path)
+    assert "hit" in h["cache-status"] and "x-secret" not in h and h["x-kept"] == "k"
+
+
+def test_a_304_updates_the_stored_headers(cached, backend):
+    path = url(q(cc="max-age=1", etag='"u"', h_X_Version="a", l_X_Version="b", l_Cache_Control="max-age=600",
+                  l_Content_Type="text/x-updated", l_Set_Cookie="c=1"))
+    _, h, _ = request(cached, path)
+    assert h["x-version"] == "a"
+    time.sleep(1.5)
+    _, h, body = request(cached, path)  # stale: revalidated, and the 304 carries new values
+    assert "fwd-status=304" in h["cache-status"] and h["x-version"] == "b" and h["content-type"] == "text/x-updated"
+    assert h["set-cookie"] == "c=1"  # to this client only
+    _, h, _ = request(cached, path)
+    assert "hit" in h["cache-status"] and h["x-version"] == "b" and "set-cookie" not in h
+    assert hits(backend, path) == 2
 
 
 # -- revalidation --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ a hit count per path, conditional requests honoured, and a switch that makes the
 
 GET /cache/<anything>?cc=...&etag=...&lm=<seconds ago>&expires=<seconds from now>|<raw>&vary=...&status=...
     &delay=<seconds>&age=...&date=<seconds offset>&h-Name=value (any extra response header)&body=...
+    &l-Name=value (a header set from the path's second request on, e.g. on a 304)
     Answers `body` (default "<path> #<n>", n = this path's hit count), 304 to a matching If-None-Match /
     If-Modified-Since (when etag= / lm= are given), Location/Content-Location via h-.
 GET /__cache/hits            {path: count} of /cache/ requests (conditional ones included)
@@ -61,6 +62,9 @@ def add_routes(app: web.Application) -> None:
         headers["Date"] = formatdate(now + float(q.get("date", 0)), usegmt=True)
         for key, value in q.items():
             if key.startswith("h-"):
+                headers[key[2:]] = value
+        for key, value in q.items():
+            if key.startswith("l-") and n >= 2:  # later: from this path's second request on
                 headers[key[2:]] = value
         status = int(q.get("status", 200))
         inm = request.headers.get("If-None-Match")

@@ -326,3 +326,11 @@ def test_bad_dates():
     assert p.parse_http_date("0") is None
     assert p.parse_http_date(None) is None
     assert p.parse_http_date("yesterday") is None
+
+
+def test_qualified_no_cache_and_private_only_leave_out_the_listed_fields():
+    assert store(response='max-age=60, no-cache="Set-Cookie"') is None
+    assert store(response='max-age=60, private="X-User"') is None
+    assert decide(0, response='no-cache="a"') == p.FRESH
+    assert p.fields_not_stored(cc('no-cache="A, b", private="c"'), ["d"]) == {"a", "b", "c", "d"}
+    assert p.fields_not_stored(cc("no-cache, private"), []) == frozenset()
