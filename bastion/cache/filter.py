@@ -30,6 +30,7 @@ from bastion.proxy.exchange import Response
 log = logging.getLogger("bastion.cache")
 
 STATE = "cache"
+MEMORY_OBJECT_MAX = 1 << 20  # with the disk store, larger responses stream to their file only
 
 # Request fields that change what the cache may do; a request with none of them takes the fast path.
 _REQUEST_FIELDS = frozenset({
@@ -51,7 +52,7 @@ SERVED = 5
 
 class _State:
     __slots__ = ("mode", "key", "entry", "request_time", "headers", "client", "chunks", "size", "pending",
-                 "meta", "detail", "collapsed")
+                 "meta", "detail", "collapsed", "writer")
 
     def __init__(self, mode: int, key: bytes = b""):
         self.mode = mode
@@ -66,6 +67,7 @@ class _State:
         self.meta = None
         self.detail = b""
         self.collapsed = False
+        self.writer = None  # the disk store's writer, when the body streams to a file
 
 
 class Counts:
@@ -86,6 +88,7 @@ class HttpCache:
         self.shared = shared
         self.store = shared.store
         self.remote = shared.redis if spec.store == "redis" else None  # the shared second level
+        self.disk = shared.disk if spec.store == "disk" else None  # the node's second level
         self.counts = shared.counts_for(route_name)
         self.name = shared.name.encode()
         self.spec = spec
@@ -192,8 +195,17 @@ class HttpCache:
                 return self._hit_response(ex, entry, now)
         else:
             entry = None
-        if entry is None and self.remote is not None:
-            return self._remote_lookup(ex, key, client, now)
+        if entry is None:
+            if self.disk is not None:
+                entry = self.disk.get(key, lambda names: _variant(names, ex.headers))
+                if entry is not None:
+                    if entry.size <= MEMORY_OBJECT_MAX:
+                        self.store.put(entry)
+                    if client is None and now < entry.fresh_until and not entry.needs_check:
+                        self.counts["hit"] += 1
+                        return self._hit_response(ex, entry, now)
+            elif self.remote is not None:
+                return self._remote_lookup(ex, key, client, now)
         return self._lookup(ex, key, entry, client, now)
 
     async def _remote_lookup(self, ex, key: bytes, client, now: float):
@@ -440,6 +452,8 @@ class HttpCache:
             return None
         state.meta = meta
         state.chunks = []
+        if self.disk is not None:
+            state.writer = self.disk.begin(meta)
         headers.append((b"Cache-Status", self.name + b"; " + state.detail + b"; fwd-status=%d; stored" % status))
         return None
 
@@ -514,22 +528,39 @@ class HttpCache:
         state = st.get(STATE) if st is not None else None
         if state is None or state.chunks is None:
             return data
+        writer = state.writer
         if data:
             state.size += len(data)
             if state.size > self.max_object:
                 state.chunks = None
+                if writer is not None:
+                    writer.abort()
+                    state.writer = None
                 self._release(state)
                 return data
+            if writer is not None:
+                writer.write(data)
+                if state.size > MEMORY_OBJECT_MAX:
+                    state.meta.body = None  # large: it goes to the file only, not kept in memory
+                    state.chunks = []
+                    return data
             state.chunks.append(data)
         if end:
             entry = state.meta
-            entry.body = b"".join(state.chunks)
-            state.chunks = None
-            self._put(entry)
+            state.chunks, chunks = None, state.chunks
+            if writer is not None:
+                writer.commit()
+                state.writer = None
+                self.counts["stored"] += 1
+                if entry.body is None:
+                    self._release(state)
+                    return data
+            entry.body = b"".join(chunks)
+            self._put(entry, to_disk=False)
             self._release(state)
         return data
 
-    def _put(self, entry: Entry) -> None:
+    def _put(self, entry: Entry, to_disk: bool = True) -> None:
         entry.head_bytes = b"".join(n + b": " + v + b"\r\n" for n, v in entry.headers)
         entry.size = len(entry.body) + len(entry.head_bytes) + len(entry.key) + 400
         before = self.store.evictions
@@ -538,11 +569,18 @@ class HttpCache:
         if self.remote is not None:
             asyncio.get_event_loop().create_task(self.remote.put(entry))
             stored = True
+        if self.disk is not None:
+            if not to_disk:
+                return  # written while it streamed, and counted then
+            self.disk.rewrite(entry)
+            stored = True
         if stored:
             self.counts["stored"] += 1
 
     def _remove(self, entry: Entry) -> None:
         self.store.remove(entry)
+        if self.disk is not None:
+            self.disk.remove(entry)
         if self.remote is not None:
             asyncio.get_event_loop().create_task(self.remote.remove(entry))
 
@@ -560,6 +598,8 @@ class HttpCache:
         9111 4.3.4) and answer the client from the stored response."""
         self.counts["revalidated"] += 1
         self._freshen(entry, headers, state.request_time, now)
+        if self.disk is not None:
+            self.disk.rewrite(entry)
         response = self._answer(ex, entry, now, state.client or {},
                                 self.name + b"; " + state.detail + b"; fwd-status=304")
         # A cookie set by this 304 is for this client only: returned, never stored.
@@ -673,6 +713,8 @@ class HttpCache:
             if result.status == 304:
                 self.counts["revalidated"] += 1
                 self._freshen(entry, result.headers, request_time, now)
+                if self.disk is not None:
+                    self.disk.rewrite(entry)
                 return
             if result.status >= 500:
                 return

@@ -29,6 +29,11 @@ class CacheRuntime:
             from bastion.cache.redis_store import RedisStore
 
             self.redis = RedisStore(settings.redis.url, settings.redis.prefix, settings.redis.timeout)
+        self.disk = None
+        if settings.disk is not None:
+            from bastion.cache.disk_store import DiskStore
+
+            self.disk = DiskStore(settings.disk.path, settings.disk.size)
         self.journal = PurgeJournal()
         self.journal_mm = self.journal.mm
         self.journal_seq = _SEQ.unpack_from
@@ -49,6 +54,8 @@ class CacheRuntime:
         nodes); the number purged in this worker."""
         n = self._apply(kind, value)
         self.journal.publish(kind, value)
+        if self.disk is not None:
+            n += self.disk.purge(kind, value)  # once, by this worker: the files are the node's
         if self.redis is not None:
             import asyncio
 
@@ -59,6 +66,8 @@ class CacheRuntime:
         """As purge, but done in Redis (and announced to the other nodes) before it returns."""
         n = self._apply(kind, value)
         self.journal.publish(kind, value)
+        if self.disk is not None:
+            n += self.disk.purge(kind, value)
         shared = await self.redis.purge(kind, value) if self.redis is not None else None
         return n, shared
 
@@ -88,6 +97,15 @@ class CacheRuntime:
     # -- metrics (runtime tick) ----------------------------------------------------------------------------------
     def flush(self) -> None:
         self.poll()
+        if self.disk is not None:
+            from time import time
+
+            try:
+                removed = self.disk.maybe_sweep(time())
+            except OSError:
+                removed = 0
+            if removed:
+                self.counts_for("")["eviction"] += removed
         prom = self._prom
         if prom is None:
             prom = self._prom = _Prom()

@@ -524,8 +524,9 @@ class CacheKey(Section):
 
 class RouteCache(Section):
     enabled: bool = True
-    store: Literal["memory", "redis"] = Field("memory", description="redis: shared by every worker and node "
-                                              "(with the memory store as a first level)")
+    store: Literal["memory", "disk", "redis"] = Field("memory", description="disk: shared by the node's workers, "
+                                                      "kept across restarts; redis: shared by every node (both with "
+                                                      "the memory store as a first level)")
     key: CacheKey = CacheKey()
     default_ttl: Duration | None = Field(None, description="freshness for responses that give none (RFC 9111 "
                                          "gives them none: off by default)")
@@ -567,9 +568,15 @@ class CacheRedis(Section):
     timeout: Duration = Field(0.25, description="a lookup slower than this is a miss")
 
 
+class CacheDisk(Section):
+    path: str = Field(description="a folder for the node's cached responses (created if missing)")
+    size: Size = Field(1 << 30, description="bytes of responses kept on disk")
+
+
 class CacheSettings(Section):
     memory_size: Size = Field(256 << 20, description="bytes of responses each worker keeps in memory")
     redis: CacheRedis | None = Field(None, description="the shared store for routes with store: redis")
+    disk: CacheDisk | None = Field(None, description="the node's store for routes with store: disk")
     name: str = Field("Bastion", description="the cache's name in Cache-Status")
 
 
@@ -682,6 +689,8 @@ class Config(Section):
         for index, route in enumerate(self.routes):
             if route.cache is not None and route.cache.store == "redis" and self.cache.redis is None:
                 raise ValueError(f"routes[{index}].cache.store is redis: give cache.redis (url, prefix)")
+            if route.cache is not None and route.cache.store == "disk" and self.cache.disk is None:
+                raise ValueError(f"routes[{index}].cache.store is disk: give cache.disk (path, size)")
         return self
 
     @field_validator("workers")

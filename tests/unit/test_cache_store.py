@@ -121,3 +121,45 @@ def test_purge_journal_overflow_purges_everything():
         journal.publish("url", f"u{i}")
     journal.seen = 0
     assert journal.pending() == [("all", "")]
+
+
+def test_disk_store_sweep_keeps_the_bound_and_the_recent(tmp_path):
+    import os
+    import time as _time
+
+    from bastion.cache.disk_store import DiskStore
+
+    store = DiskStore(str(tmp_path), 50_000)
+    written = []
+    for i in range(20):
+        e = entry(f"/d/{i}", url=f"http://h/d/{i}")
+        e.body = b"x" * 5000
+        writer = store.begin(e)
+        writer.write(e.body)
+        writer.commit()
+        written.append(e)
+    old = _time.time() - 1000
+    for e in written[:10]:
+        from bastion.cache.disk_store import object_id
+
+        path = store._object_path(object_id(e.key, e.variant))
+        os.utime(path, (old, old))
+    assert store.sweep() > 0
+    assert store.bytes_used() <= 45_000
+    assert store.get(b"/d/19", lambda names: None) is not None  # recent ones stay
+    assert store.get(b"/d/0", lambda names: None) is None  # old ones went first
+
+
+def test_disk_store_writes_an_object_once(tmp_path):
+    from bastion.cache.disk_store import DiskStore
+
+    store = DiskStore(str(tmp_path), 1 << 20)
+    e = entry("/once", url="http://h/once")
+    first = store.begin(e)
+    assert store.begin(e) is None  # another worker is writing it
+    first.write(b"body")
+    first.commit()
+    got = store.get(b"/once", lambda names: None)
+    assert got.body == b"body" and got.url == "http://h/once"
+    assert store.purge("url", "http://h/once") == 1
+    assert store.get(b"/once", lambda names: None) is None
