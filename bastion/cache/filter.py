@@ -38,7 +38,8 @@ _REQUEST_FIELDS = frozenset({
     b"if-range", b"range", b"authorization",
 })
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-range", b"range"})
-_UNSAFE = frozenset({b"POST", b"PUT", b"DELETE", b"PATCH"})
+# Every other method (POST, PUT, DELETE, PATCH, and the unknown ones) is unsafe: a success invalidates.
+_SAFE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PURGE"})
 # Failures meaning "no backend could be reached": the grace period applies to them.
 _DOWN = frozenset({"connect_refused", "connect_error", "connect_timeout", "no_server", "circuit_open", "tls_error"})
 _BACKEND_ERRORS = _DOWN | {"upstream_reset", "upstream_timeout", "invalid_response", "upstream_reset_midway"}
@@ -161,10 +162,10 @@ class HttpCache:
     def request_filter(self, ex):
         method = ex.method
         if method not in self.methods:
-            if method in _UNSAFE:
-                ex.state[STATE] = _State(UNSAFE)
-            elif method == b"PURGE":
+            if method == b"PURGE":
                 return self._purge_request(ex)
+            if method not in _SAFE:
+                ex.state[STATE] = _State(UNSAFE)
             return None
         now = time()
         shared = self.shared

@@ -396,10 +396,10 @@ def normalize_vary_value(name: str, values: list[str]) -> str:
     """The request's value(s) of one Vary-listed field, normalised (RFC 9111 4.1 allows it)."""
     if not values:
         return "\x00"  # absent differs from empty
-    joined = ",".join(v.strip() for v in values)
     if name == "accept-encoding":
-        return normalize_accept_encoding(joined)
-    return " ".join(joined.split())
+        return normalize_accept_encoding(",".join(values))
+    # As a list: field lines combined, spaces around the commas and at the ends dropped.
+    return ",".join(" ".join(part.split()) for value in values for part in value.split(","))
 
 
 def vary_names(values: Iterable[str]) -> list[str]:

@@ -283,6 +283,14 @@ def test_unsafe_request_invalidates_the_uri_and_same_origin_locations(cached, ba
     assert hits(backend, foreign) == 1  # another origin is not ours to invalidate
 
 
+def test_a_method_of_unknown_safety_invalidates(cached, backend):
+    path = url(q(cc="max-age=60"))
+    request(cached, path)
+    request(cached, path, method="M-SEARCH")
+    _, h, _ = request(cached, path)
+    assert "fwd=miss" in h["cache-status"]
+
+
 def test_failed_unsafe_request_does_not_invalidate(cached, backend):
     path = url(q(cc="max-age=60", status="200"))
     request(cached, path)

@@ -300,6 +300,12 @@ def test_vary_values_absent_differs_from_empty_and_whitespace_is_normalised():
     assert p.normalize_vary_value("accept-language", ["en,  fr"]) == p.normalize_vary_value("accept-language", ["en, fr"])
 
 
+def test_vary_values_combine_lines_and_drop_spaces_around_commas():
+    assert p.normalize_vary_value("foo", ["1,2"]) == p.normalize_vary_value("foo", [" 1, 2 "])
+    assert p.normalize_vary_value("foo", ["1, 2"]) == p.normalize_vary_value("foo", ["1", "2"])
+    assert p.normalize_vary_value("foo", ["1,2"]) != p.normalize_vary_value("foo", ["2,1"])
+
+
 def test_vary_names():
     assert p.vary_names(["Accept-Encoding, X-Foo", "x-foo"]) == ["accept-encoding", "x-foo"]
 
