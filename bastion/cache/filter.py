@@ -438,9 +438,10 @@ class HttpCache:
             if replacement is not None:
                 self._release(state)
                 return replacement
-            self._release(state)
-            headers.append((b"Cache-Status", self.name + b"; " + state.detail + b"; fwd-status=%d" % status))
-            return None
+            if ex.error is not None:  # Bastion's own error page: never stored
+                self._release(state)
+                headers.append((b"Cache-Status", self.name + b"; " + state.detail + b"; fwd-status=%d" % status))
+                return None
         if mode == REVALIDATE and status == 304:
             self._release(state)
             return self._revalidated(ex, state, entry, headers, now)

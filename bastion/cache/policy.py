@@ -14,7 +14,9 @@ from typing import Iterable
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
 # Statuses this cache understands well enough to store (with explicit freshness for the others).
 UNDERSTOOD_STATUSES = HEURISTIC_STATUSES | {302, 303, 307}
-DEFAULT_STATUSES = frozenset(UNDERSTOOD_STATUSES - {206})  # partial responses are not combined
+# RFC 9111 3 lets a cache store any final status with explicit freshness (heuristic freshness only for
+# the heuristic set above); partial responses are not combined, and a 304 is never stored itself.
+DEFAULT_STATUSES = frozenset(range(200, 600)) - {206, 304}
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 MAX_DELTA = 2**31  # RFC 9111 1.2.2: larger delta-seconds are treated as this
@@ -143,14 +145,13 @@ def storable(method: str, status: int, request_cc: dict, response_cc: dict, *, h
     """None when the response may be stored, else why not (a short reason for logs and Cache-Status)."""
     if method != "GET":
         return "method"
-    understood = status in statuses
+    if status not in statuses:
+        return "status"
     if "must-understand" in response_cc:
-        if not understood:
+        if status not in UNDERSTOOD_STATUSES:
             return "status"
     elif "no-store" in response_cc:
         return "no-store"
-    if not understood:
-        return "status"
     if "no-store" in request_cc:
         return "request-no-store"
     if "private" in response_cc and response_cc["private"] is None:

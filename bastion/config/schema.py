@@ -535,9 +535,8 @@ class RouteCache(Section):
                                       "since Last-Modified")
     heuristic_max: Duration = 86400.0
     methods: list[Literal["GET", "HEAD"]] = ["GET", "HEAD"]
-    statuses: str | None = Field(None, description="statuses that may be stored; default: those RFC 9110 "
-                                 "lets a cache understand (200, 203, 204, 300, 301, 302, 303, 307, 308, 404, "
-                                 "405, 410, 414, 501)")
+    statuses: str | None = Field(None, description="statuses that may be stored; default: every final status "
+                                 "but 206 (those without explicit freshness only if heuristically cacheable)")
     max_object_size: Size = 8 << 20
     store_set_cookie: bool = Field(False, description="store responses with Set-Cookie (stored without it)")
     stale_while_revalidate: Duration = Field(0.0, description="default for responses that do not say")

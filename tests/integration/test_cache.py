@@ -486,8 +486,16 @@ def test_statuses_and_max_object_size(bastion, backend):
     assert status == 404 and "hit" in h["cache-status"]
     error = url(q(cc="max-age=60", status="500"))
     request(b, error)
-    request(b, error)
-    assert hits(backend, error) == 2
+    status, h, _ = request(b, error)
+    assert status == 500 and "hit" in h["cache-status"]  # explicit freshness makes any status storable
+    no_heuristic = url(q(lm="10000", status="500"))
+    request(b, no_heuristic)
+    request(b, no_heuristic)
+    assert hits(backend, no_heuristic) == 2
+    restricted = bastion(config(backend, statuses="200,404"))
+    request(restricted, error)
+    request(restricted, error)
+    assert hits(backend, error) == 3
     big = url(q(cc="max-age=60", size="5000"))
     request(b, big)
     _, _, body = request(b, big)

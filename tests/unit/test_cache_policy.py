@@ -99,10 +99,12 @@ def test_non_heuristic_status_needs_explicit_freshness():
     assert store(status=302, has_expires=True) is None
 
 
-def test_partial_and_unknown_statuses_are_not_stored_by_default():
+def test_any_final_status_with_explicit_freshness_is_storable_except_partial():
     assert store(status=206, response="max-age=60") == "status"
-    assert store(status=500, response="max-age=60") == "status"
-    assert store(status=500, response="max-age=60", statuses=frozenset({500})) is None
+    assert store(status=500, response="max-age=60") is None
+    assert store(status=299, response="max-age=60") is None
+    assert store(status=500, response="max-age=60", statuses=frozenset({200})) == "status"
+    assert store(status=500, response="", has_validator=True) == "no-freshness"  # no heuristic for 500
 
 
 def test_only_get_is_stored():
