@@ -30,6 +30,7 @@ from bastion.proxy.exchange import Response
 log = logging.getLogger("bastion.cache")
 
 STATE = "cache"
+_SCHEME_PREFIX = {"http": b"http://", "https": b"https://"}
 MEMORY_OBJECT_MAX = 1 << 20  # with the disk store, larger responses stream to their file only
 
 # Request fields that change what the cache may do; a request with none of them takes the fast path.
@@ -88,6 +89,9 @@ class HttpCache:
         self.route_name = route_name
         self.shared = shared
         self.store = shared.store
+        self.slots = shared.store.slots  # the same dict for the store's life (purge_all clears it in place)
+        self.journal = shared.journal
+        self.journal_seq = shared.journal_seq
         self.remote = shared.redis if spec.store == "redis" else None  # the shared second level
         self.disk = shared.disk if spec.store == "disk" else None  # the node's second level
         self.counts = shared.counts_for(route_name)
@@ -168,10 +172,14 @@ class HttpCache:
                 ex.state[STATE] = _State(UNSAFE)
             return None
         now = time()
-        shared = self.shared
-        if shared.journal_seq(shared.journal_mm, 0)[0] != shared.journal.seen:
-            shared.poll()  # another worker purged something: apply it before answering from the store
-        key = self.key_of(ex)
+        journal = self.journal
+        if self.journal_seq(journal.mm, 0)[0] != journal.seen:
+            self.shared.poll()  # another worker purged something: apply it before answering from the store
+        if self.plain_key:
+            query = ex.query
+            key = _SCHEME_PREFIX[ex.scheme] + ex.host_header.lower() + (ex.path + b"?" + query if query else ex.path)
+        else:
+            key = self.key_of(ex)
         client = None
         for name, value in ex.headers:
             lname = name.lower()
@@ -180,7 +188,7 @@ class HttpCache:
                     client = {}
                 old = client.get(lname)
                 client[lname] = value if old is None else old + b", " + value
-        slot = self.store.get(key)
+        slot = self.slots.get(key)
         if slot is not None:
             if type(slot) is Entry:
                 entry = slot
