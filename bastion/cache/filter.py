@@ -199,7 +199,7 @@ class HttpCache:
                 if entry.freq < 3:
                     entry.freq += 1
                 self.counts["hit"] += 1
-                if entry.hit_second == int(now):
+                if entry.hit_second == int(now) and entry.hit_filter is self:
                     return entry.hit_response
                 return self._hit_response(ex, entry, now)
         else:
@@ -246,6 +246,7 @@ class HttpCache:
             response.wire = b"".join(wire)
         entry.hit_second = second
         entry.hit_response = response
+        entry.hit_filter = self
         return response
 
     @staticmethod

@@ -19,7 +19,7 @@ class Entry:
         "key", "variant", "url", "status", "headers", "body", "request_time", "response_time", "date",
         "initial_age", "lifetime", "fresh_until", "cc", "etag", "last_modified", "vary", "tags", "size",
         "freq", "dead", "queue", "hit_second", "hit_response", "auth_ok", "needs_check", "swr", "sie",
-        "refreshing", "head_bytes",
+        "refreshing", "head_bytes", "hit_filter",
     )
 
     def __init__(self):
@@ -51,7 +51,8 @@ class Entry:
         self.swr = 0.0
         self.sie = 0.0
         self.refreshing = False
-        self.head_bytes = 0
+        self.head_bytes = b""
+        self.hit_filter = None  # the route filter whose hit_response this is (routes may share an entry)
 
 
 class VaryGroup:
