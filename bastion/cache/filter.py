@@ -456,7 +456,7 @@ class HttpCache:
             return self._revalidated(ex, state, entry, headers, now)
         meta = self._storable(ex, state, status, headers, now)
         if meta is None:
-            if entry is not None and not entry.dead:
+            if entry is not None and not entry.dead and ex.method == b"GET" and status != 206:
                 self._remove(entry)  # the origin has a new answer that is not to be stored
             self._release(state)
             headers.append((b"Cache-Status", self.name + b"; " + state.detail + b"; fwd-status=%d" % status))
@@ -470,8 +470,8 @@ class HttpCache:
 
     def _storable(self, ex, state, status: int, headers: list, now: float):
         """The parsed facts about a backend response if it may be stored, else None."""
-        if ex.method != b"GET" or state.client and b"range" in state.client:
-            return None
+        if ex.method != b"GET":
+            return None  # (a 200 to a Range request is the full representation: storable like any other)
         fields: dict[str, list[str]] = {}
         for name, value in headers:
             fields.setdefault(name.lower().decode("latin-1"), []).append(value.decode("latin-1"))

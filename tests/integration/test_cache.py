@@ -405,6 +405,15 @@ def test_head_is_answered_from_a_cached_get(cached, backend):
     assert "hit" in h["cache-status"] and hits(backend, path) == 1
 
 
+def test_a_range_request_on_a_stale_entry_refreshes_it_whole(cached, backend):
+    path = url(q(cc="max-age=1", etag='"rr"', body="abcdefghij"))
+    request(cached, path)
+    time.sleep(1.5)
+    status, h, body = request(cached, path, {"Range": "bytes=0-2"})
+    assert status == 206 and body == b"abc" and "fwd-status=304" in h["cache-status"]
+    assert "range" not in seen_requests(backend, path)[-1]  # the cache asked for the whole object
+
+
 def test_range_is_answered_206_from_a_cached_full_response(cached, backend):
     path = url(q(cc="max-age=60", etag='"r1"', body="0123456789"))
     request(cached, path)
