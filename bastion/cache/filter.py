@@ -269,7 +269,7 @@ class HttpCache:
             if b"cache-control" in client else {}
         pragma = client.get(b"pragma")
         no_cache = policy.request_no_cache(request_cc, pragma.decode("latin-1") if pragma is not None else None)
-        if b"if-match" in client or b"if-unmodified-since" in client:
+        if b"if-match" in client or b"if-unmodified-since" in client or "no-store" in request_cc:
             # Preconditions for the origin to judge (they guard writes and their races): not from here.
             return self._bypass(ex, b"fwd=request")
         if entry is not None and b"authorization" in client and not entry.auth_ok:

@@ -153,6 +153,33 @@ def test_a_304_updates_the_stored_headers(cached, backend):
     assert hits(backend, path) == 2
 
 
+def test_must_understand_lets_an_understood_status_be_stored_despite_no_store(cached, backend):
+    understood = url(q(cc="must-understand, no-store, max-age=60"))
+    request(cached, understood)
+    _, h, _ = request(cached, understood)
+    assert "hit" in h["cache-status"]
+    unknown = url(q(cc="must-understand, no-store, max-age=60", status="299"))
+    request(cached, unknown)
+    request(cached, unknown)
+    assert hits(backend, unknown) == 2
+
+
+def test_request_no_store_bypasses_the_cache(cached, backend):
+    path = url(q(cc="max-age=60"))
+    request(cached, path)
+    _, h, _ = request(cached, path, {"Cache-Control": "no-store"})
+    assert "fwd=request" in h["cache-status"] and hits(backend, path) == 2
+
+
+@pytest.mark.parametrize("directive", ["proxy-revalidate", "s-maxage=1"])
+def test_shared_cache_revalidation_directives_forbid_stale_serving(cached, backend, directive):
+    path = url(q(cc=f"max-age=1, {directive}"))
+    request(cached, path)
+    time.sleep(1.5)
+    request(cached, path, {"Cache-Control": "max-stale=600"})
+    assert hits(backend, path) == 2
+
+
 # -- revalidation --------------------------------------------------------------------------------------------------
 
 def test_no_cache_response_is_revalidated_on_every_use(cached, backend):
