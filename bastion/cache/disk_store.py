@@ -110,7 +110,9 @@ class DiskStore:
         return os.path.join(self.path, "o", oid[:2], oid)
 
     # -- lookups ---------------------------------------------------------------------------------------------
-    def get(self, key: bytes, variant_of) -> Entry | None:
+    def get(self, key: bytes, variant_of, keep_in_file: int = 1 << 62) -> Entry | None:
+        """The entry, with its body read, or left in the file (`entry.file`) when larger than
+        `keep_in_file` bytes."""
         variant = None
         try:
             with open(os.path.join(self.path, "v", object_id(key, None)), "rb") as f:
@@ -123,19 +125,25 @@ class DiskStore:
         path = self._object_path(object_id(key, variant))
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                (length,) = _LEN.unpack(f.read(4))
+                head = f.read(length)
+                body_size = os.fstat(f.fileno()).st_size - 4 - length
+                in_file = body_size > keep_in_file
+                body = b"" if in_file else f.read()
             os.utime(path)  # recently used: the sweep keeps it longer
         except FileNotFoundError:
             return None
-        except OSError as exc:
+        except (OSError, struct.error) as exc:
             self._failed("read", exc)
             return None
         try:
-            (length,) = _LEN.unpack_from(data, 0)
-            entry = _loads_blob(data[4:4 + length] + b"\n" + data[4 + length:])
-        except (ValueError, KeyError, TypeError, struct.error) as exc:
+            entry = _loads_blob(head + b"\n" + body)
+        except (ValueError, KeyError, TypeError) as exc:
             self._failed("decode", exc)
             return None
+        if in_file:
+            entry.body = None
+            entry.file = (path, 4 + length, body_size)
         return entry
 
     # -- storing ---------------------------------------------------------------------------------------------
@@ -177,11 +185,33 @@ class DiskStore:
         return writer
 
     def rewrite(self, entry: Entry) -> None:
-        """Store `entry` whole (after a 304 refreshed its head)."""
+        """Store `entry` whole (after a 304 refreshed its head); a body left in its file is copied over."""
         writer = self.begin(entry)
-        if writer is not None:
+        if writer is None:
+            return
+        if entry.body is not None:
             writer.write(entry.body)
-            writer.commit()
+        elif entry.file is not None:
+            path, offset, size = entry.file
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    while size > 0 and not writer.failed:
+                        piece = f.read(min(size, 1 << 20))
+                        if not piece:
+                            break
+                        writer.write(piece)
+                        size -= len(piece)
+            except OSError as exc:
+                self._failed("copy", exc)
+                writer.abort()
+                return
+            if size:
+                writer.abort()
+                return
+        writer.commit()
+        if entry.file is not None:
+            entry.file = (writer.final, _body_offset(writer.final), entry.file[2])
 
     def remove(self, entry: Entry) -> None:
         try:
@@ -300,3 +330,11 @@ def _write_atomic(path: str, data: bytes, root: str) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def _body_offset(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return 4 + _LEN.unpack(f.read(4))[0]
+    except (OSError, struct.error):
+        return 0

@@ -25,7 +25,7 @@ from bastion.cache import policy
 from bastion.cache.memory import Entry
 from bastion.config.schema import parse_status_set
 from bastion.http.headers import Headers, status_line
-from bastion.proxy.exchange import Response
+from bastion.proxy.exchange import FileBody, Response
 
 log = logging.getLogger("bastion.cache")
 
@@ -206,10 +206,10 @@ class HttpCache:
             entry = None
         if entry is None:
             if self.disk is not None:
-                entry = self.disk.get(key, lambda names: _variant(names, ex.headers))
+                entry = self.disk.get(key, lambda names: _variant(names, ex.headers), MEMORY_OBJECT_MAX)
                 if entry is not None:
-                    if entry.size <= MEMORY_OBJECT_MAX:
-                        self.store.put(entry)
+                    if entry.body is not None:
+                        self.store.put(entry)  # large bodies stay in their file, read per response
                     if client is None and now < entry.fresh_until and not entry.needs_check:
                         self.counts["hit"] += 1
                         return self._hit_response(ex, entry, now)
@@ -235,6 +235,8 @@ class HttpCache:
         age = int(now - entry.response_time + entry.initial_age)
         ttl = int(entry.fresh_until - now)
         cache_status = self.name + b"; hit; ttl=%d" % ttl
+        if entry.body is None:
+            return self._response(entry, entry.status, _body(entry), age, cache_status)
         response = self._response(entry, entry.status, entry.body, age, cache_status)
         if self.fast is None:
             route = ex.route
@@ -387,16 +389,17 @@ class HttpCache:
             if_range = client.get(b"if-range")
             if policy.if_range_matches(if_range.decode("latin-1") if if_range is not None else None,
                                        entry.etag, entry.last_modified):
-                chosen = policy.byte_range(range_header.decode("latin-1"), len(entry.body))
+                length = _length(entry)
+                chosen = policy.byte_range(range_header.decode("latin-1"), length)
                 if chosen == "unsatisfiable":
                     response = self._response(entry, 416, b"", age, cache_status,
-                                              [(b"Content-Range", b"bytes */%d" % len(entry.body))])
+                                              [(b"Content-Range", b"bytes */%d" % length)])
                     return response
                 if chosen is not None:
                     first, last = chosen
-                    return self._response(entry, 206, entry.body[first:last + 1], age, cache_status,
-                                          [(b"Content-Range", b"bytes %d-%d/%d" % (first, last, len(entry.body)))])
-        return self._response(entry, entry.status, entry.body, age, cache_status)
+                    return self._response(entry, 206, _body(entry, first, last + 1), age, cache_status,
+                                          [(b"Content-Range", b"bytes %d-%d/%d" % (first, last, length))])
+        return self._response(entry, entry.status, _body(entry), age, cache_status)
 
     # -- PURGE ------------------------------------------------------------------------------------------------
     def _purge_request(self, ex):
@@ -769,6 +772,19 @@ class _Fetched:
         self.headers = ex.headers
         self.status = status
         self.error = None
+
+
+def _length(entry: Entry) -> int:
+    return len(entry.body) if entry.body is not None else entry.file[2]
+
+
+def _body(entry: Entry, start: int = 0, end: int | None = None):
+    """The body (or a slice of it): bytes, or a FileBody when it stays in the disk store's file."""
+    if entry.body is not None:
+        return entry.body if start == 0 and end is None else entry.body[start:end]
+    path, offset, size = entry.file
+    end = size if end is None else end
+    return FileBody(path, offset + start, end - start)
 
 
 def _variant(names: tuple, headers: list) -> tuple:

@@ -19,7 +19,7 @@ class Entry:
         "key", "variant", "url", "status", "headers", "body", "request_time", "response_time", "date",
         "initial_age", "lifetime", "fresh_until", "cc", "etag", "last_modified", "vary", "tags", "size",
         "freq", "dead", "queue", "hit_second", "hit_response", "auth_ok", "needs_check", "swr", "sie",
-        "refreshing", "head_bytes", "hit_filter",
+        "refreshing", "head_bytes", "hit_filter", "file",
     )
 
     def __init__(self):
@@ -52,6 +52,7 @@ class Entry:
         self.sie = 0.0
         self.refreshing = False
         self.head_bytes = b""
+        self.file = None  # (path, offset, length) when the body stays in the disk store's file
         self.hit_filter = None  # the route filter whose hit_response this is (routes may share an entry)
 
 
@@ -174,8 +175,8 @@ class MemoryStore:
     # -- removing --------------------------------------------------------------------------------------------
     def _unlink(self, entry: Entry) -> None:
         """Forget an entry that is being replaced or purged (its queue slot is skipped later)."""
-        if entry.dead:
-            return
+        if entry.dead or entry.queue == 0:
+            return  # gone already, or never held here (a disk or Redis copy)
         entry.dead = True
         self.count -= 1
         if entry.queue == 1:

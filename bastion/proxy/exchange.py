@@ -56,6 +56,21 @@ class Response:
         self.wire: bytes | None = None
 
 
+class FileBody:
+    """A local response's body that stays in a file and is sent in pieces as the client takes them (the
+    disk cache's large objects): `size` bytes from `offset`."""
+
+    __slots__ = ("path", "offset", "size")
+
+    def __init__(self, path: str, offset: int, size: int):
+        self.path = path
+        self.offset = offset
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class Exchange:
     """One request through every phase: the request as received, the route, the peer, the response,
     timings and per-filter state. Hot fields are bytes; the str properties are for filter authors."""

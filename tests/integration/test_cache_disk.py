@@ -66,6 +66,11 @@ def test_large_bodies_stream_to_disk_and_are_served_from_it(bastion, backend, tm
     assert hashlib.sha256(again).digest() == hashlib.sha256(body).digest()
     assert hits(backend, path) == 1
     assert any(os.path.getsize(p) > size for p in objects(folder))
+    status, h, part = request(b, path, {"Range": f"bytes={size - 10}-"})
+    assert status == 206 and part == body[-10:] and h["content-range"] == f"bytes {size - 10}-{size - 1}/{size}"
+    status, h, empty = request(b, path, method="HEAD")
+    assert status == 200 and empty == b"" and h["content-length"] == str(size)
+    assert hits(backend, path) == 1
 
 
 def test_purge_removes_the_file(bastion, backend, tmp_path):
