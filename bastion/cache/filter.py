@@ -318,7 +318,8 @@ class HttpCache:
                 headers.append((b"If-Modified-Since", policy.format_http_date(entry.last_modified).encode()))
             ex.headers = headers
             self.counts["revalidation"] += 1
-            state.detail = b"fwd=stale" if now >= entry.fresh_until else b"fwd=request" if no_cache else b"fwd=stale"
+            # RFC 9211: "stale" when the stored response needed validating, "request" when the client asked.
+            state.detail = b"fwd=stale" if now >= entry.fresh_until or entry.needs_check else b"fwd=request"
             ex.state[STATE] = state
             return None
         state.entry = entry  # kept for stale-if-error even when it cannot be revalidated
