@@ -460,8 +460,9 @@ class HttpCache:
             return self._revalidated(ex, state, entry, headers, now)
         meta = self._storable(ex, state, status, headers, now)
         if meta is None:
-            if entry is not None and not entry.dead and ex.method == b"GET" and status != 206:
-                self._remove(entry)  # the origin has a new answer that is not to be stored
+            if (entry is not None and not entry.dead and ex.method == b"GET" and status < 500
+                    and status not in (206, 304)):
+                self._remove(entry)  # the origin has a new answer that is not to be stored (errors keep it)
             self._release(state)
             headers.append((b"Cache-Status", self.name + b"; " + state.detail + b"; fwd-status=%d" % status))
             return None
