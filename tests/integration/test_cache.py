@@ -503,6 +503,25 @@ def test_cache_key_with_a_header(bastion, backend):
     assert hits(backend, path) == 2
 
 
+def test_cache_key_with_a_cookie_and_without_the_query(bastion, backend):
+    b = bastion(config(backend, key={"cookies": ["lang"], "query": "none"}))
+    name = uuid.uuid4().hex
+    first = f"/cache/{name}?cc=max-age%3D60&x=1"
+    request(b, first, {"Cookie": "session=a; lang=en"})
+    _, h, _ = request(b, f"/cache/{name}?cc=max-age%3D60&x=2", {"Cookie": "lang=en; session=b"})
+    assert "hit" in h["cache-status"]  # same lang cookie, query ignored
+    request(b, first, {"Cookie": "lang=fr"})
+    assert hits(backend, f"/cache/{name}") == 2
+
+
+def test_methods_option_limits_what_is_answered_from_the_cache(bastion, backend):
+    b = bastion(config(backend, methods=["GET"]))
+    path = url(q(cc="max-age=60"))
+    request(b, path)
+    status, h, _ = request(b, path, method="HEAD")
+    assert status == 200 and "cache-status" not in h and hits(backend, path) == 2
+
+
 def test_default_and_max_ttl(bastion, backend):
     b = bastion(config(backend, default_ttl="60s", max_ttl="1s"))
     plain = url()
