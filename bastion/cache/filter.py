@@ -306,6 +306,15 @@ class HttpCache:
         state.request_time = now
         state.headers = list(ex.headers)
         state.client = client
+        collapsible = self.collapse and ex.method == b"GET" and b"range" not in client
+        if collapsible:
+            waiting = self.inflight.get(key)
+            if waiting is not None and not waiting.done():
+                # Another request is fetching or revalidating this key: wait for its result.
+                state.entry = entry
+                state.detail = b"fwd=miss" if entry is None else b"fwd=stale"
+                ex.state[STATE] = state
+                return self._wait(ex, key, waiting, client)
         if entry is not None and (entry.etag is not None or entry.last_modified is not None):
             # Stale (or no-cache): ask the origin whether it changed, with our validators instead of the
             # client's own (the client's conditions are answered from the result).
@@ -321,19 +330,15 @@ class HttpCache:
             # RFC 9211: "stale" when the stored response needed validating, "request" when the client asked.
             state.detail = b"fwd=stale" if now >= entry.fresh_until or entry.needs_check else b"fwd=request"
             ex.state[STATE] = state
+            if collapsible and not entry.needs_check and not no_cache:
+                state.pending = self.inflight[key] = ex.conn.loop.create_future()
             return None
         state.entry = entry  # kept for stale-if-error even when it cannot be revalidated
         state.detail = b"fwd=request" if no_cache else b"fwd=stale" if entry is not None else b"fwd=miss"
         ex.state[STATE] = state
         self.counts["miss"] += 1
-        if b"range" in client or ex.method != b"GET" or not self.collapse:
-            return None
-        waiting = self.inflight.get(key)
-        if waiting is not None and not waiting.done():
-            return self._wait(ex, key, waiting, client)
-        future = ex.conn.loop.create_future()
-        self.inflight[key] = future
-        state.pending = future
+        if collapsible:
+            state.pending = self.inflight[key] = ex.conn.loop.create_future()
         return None
 
     async def _wait(self, ex, key: bytes, future, client: dict):
@@ -357,6 +362,7 @@ class HttpCache:
             self.counts["hit"] += 1
             return self._answer(ex, entry, now, client, self.name + b"; hit; ttl=%d; collapsed"
                                 % int(entry.fresh_until - now))
+        self.counts["miss"] += 1
         return None
 
     def _bypass(self, ex, detail: bytes):

@@ -407,6 +407,16 @@ def test_concurrent_misses_make_one_upstream_request(cached, backend):
     assert any("collapsed" in r[1]["cache-status"] for r in results)
 
 
+def test_concurrent_revalidations_make_one_conditional_request(cached, backend):
+    path = url(q(cc="max-age=1", etag='"c"', delay="0.5"))
+    _, _, first = request(cached, path)
+    time.sleep(1.5)
+    results = _concurrent(cached, path, 6)
+    assert all(r is not None and r[0] == 200 and r[2] == first for r in results)
+    assert hits(backend, path) == 2
+    assert seen_requests(backend, path)[1]["if-none-match"] == '"c"'
+
+
 def test_collapsed_waiters_give_up_after_the_bounded_wait(bastion, backend):
     b = bastion(config(backend, collapse_timeout="200ms"))
     path = url(q(cc="max-age=60", delay="1.5"))
