@@ -343,6 +343,17 @@ def test_stale_while_revalidate_serves_stale_and_refreshes_once(cached, backend)
     assert hits(backend, path) <= 3
 
 
+def test_stale_while_revalidate_refreshes_once_for_many_requests(cached, backend):
+    path = url(q(cc="max-age=3, stale-while-revalidate=60", delay="0.3"))
+    request(cached, path)
+    time.sleep(3.5)
+    results = _concurrent(cached, path, 6)  # all inside the refresh's 0.3 s
+    assert all(r is not None and r[0] == 200 for r in results)
+    assert wait_until(lambda: hits(backend, path) >= 2)
+    time.sleep(0.5)
+    assert hits(backend, path) == 2
+
+
 def test_stale_if_error_on_5xx_and_on_a_dead_backend(bastion, backend_factory):
     origin = backend_factory("origin")
     b = bastion(config(origin))
