@@ -6,6 +6,8 @@ POST /reload   asks the master to reload the configuration (same as SIGHUP)
 GET /bans      the clients banned on this node, as JSON (see docs/security.md)
 POST /bans/IP  bans IP (query: seconds=N, default the auto-ban's ban_time or 600); with Redis, on every node
 DELETE /bans/IP  lifts a ban, on this node and (with Redis) on every node
+POST /cache/purge?url=URL | ?prefix=URL-PREFIX | ?tag=TAG | ?all=1
+               purges cached responses in every worker (see docs/caching.md); JSON answer
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class AdminConnection(asyncio.Protocol):
                 self._send(200, b"ok\n", b"text/plain")
         elif path == b"/bans" or path.startswith(b"/bans/"):
             self._bans(method, path)
+        elif path == b"/cache/purge" and method in (b"POST", b"PURGE"):
+            self._purge()
         elif path == b"/reload" and method == b"POST":
             os.kill(self.worker.master_pid, signal.SIGHUP)
             self._send(202, b"reload requested\n", b"text/plain")
@@ -108,6 +112,35 @@ class AdminConnection(asyncio.Protocol):
             self._send(200, json.dumps({"ip": ip, "until": round(until, 3)}).encode() + b"\n", b"application/json")
         else:
             self._send(405, b"use GET /bans, POST /bans/IP or DELETE /bans/IP\n", b"text/plain")
+    def _purge(self) -> None:
+        import json
+        from urllib.parse import parse_qsl
+
+        cache = getattr(self.worker.runtime, "cache", None)
+        if cache is None:
+            self._send(404, b'{"error": "no route has a cache"}\n', b"application/json")
+            return
+        query = self.url.partition(b"?")[2].decode("latin-1")
+        args = dict(parse_qsl(query, keep_blank_values=True))
+        for kind in ("url", "prefix", "tag", "all"):
+            if kind in args:
+                value = args[kind]
+                if kind == "url" or kind == "prefix":
+                    value = _normalize_url(value)
+                asyncio.get_event_loop().create_task(self._purge_and_answer(cache, kind, value))
+                return
+        self._send(400, b'{"error": "give url=, prefix=, tag= or all=1"}\n', b"application/json")
+
+    async def _purge_and_answer(self, cache, kind: str, value: str) -> None:
+        import json
+
+        here, shared = await cache.purge_and_wait(kind, value)
+        body = {"purged_here": here, kind: value,
+                "note": "purged in this worker; the others apply it before their next cache lookup"}
+        if shared is not None:
+            body["purged_in_redis"] = shared
+        if self.transport is not None and not self.transport.is_closing():
+            self._send(200, (json.dumps(body) + "\n").encode(), b"application/json")
 
     def _send(self, status: int, body: bytes, content_type: bytes) -> None:
         head = (
@@ -116,3 +149,12 @@ class AdminConnection(asyncio.Protocol):
         )
         self.transport.write(head + body)
         self.transport.close()
+
+
+def _normalize_url(url: str) -> str:
+    """Scheme and host lower-cased, as the cache indexes them."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    host, slash, path = rest.partition("/")
+    return f"{scheme.lower()}://{host.lower()}{slash}{path}"

@@ -206,6 +206,12 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
             config, config.routes, [spec.name or f"route-{i}" for i, spec in enumerate(config.routes)])
         problems.extend(ConfigProblem(source, where, message) for where, message in waf_problems)
 
+    cache_runtime = None
+    if any(spec.cache is not None and spec.cache.enabled for spec in config.routes):
+        from bastion.cache.runtime import CacheRuntime
+
+        cache_runtime = CacheRuntime(config.cache)
+
     timeouts = config.timeouts
     routes = []
     for index, spec in enumerate(config.routes):
@@ -248,8 +254,21 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
             route.upstream = groups.setdefault(f"{route.name}", make_group(route.name, spec.upstream))
         if sticky_index is not None:
             filters.insert(sticky_index, StickyCookieFilter(sticky_group or route.upstream))
+        cache_filter = None
+        if spec.cache is not None and spec.cache.enabled:
+            from bastion.cache.filter import HttpCache
+
+            # Last in the request phase (auth and the like decide first), but first to see the backend's
+            # response head and body, before other filters add to them.
+            cache_filter = HttpCache(route.name, spec.cache, cache_runtime)
+            filters.append(cache_filter)
         route.filters = filters + security.route_back(spec, route.upstream) + tail
         _phase_tuples(route)
+        if cache_filter is not None:
+            route.on_response = (cache_filter.response_filter,) + tuple(
+                f for f in route.on_response if f != cache_filter.response_filter)
+            route.on_response_body = (cache_filter.response_body_filter,) + tuple(
+                f for f in route.on_response_body if f != cache_filter.response_body_filter)
         rt = spec.timeouts
         route.connect_timeout = rt.connect if rt.connect is not None else timeouts.connect
         route.read_timeout = rt.upstream_read if rt.upstream_read is not None else timeouts.upstream_read
@@ -290,6 +309,9 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
     runtime.periodic.extend(security.periodic)
     runtime.security = security
     runtime.connection_guard = security.connection_guard
+    if cache_runtime is not None:
+        runtime.cache = cache_runtime
+        runtime.periodic.append(cache_runtime.flush)
     if access_log is not None:
         runtime.periodic.append(access_log.flush)
     return runtime

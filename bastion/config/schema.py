@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from bastion.config.units import Duration, Size
 
 
+IPNetwork = Annotated[Union[ipaddress.IPv4Network, ipaddress.IPv6Network], Field()]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -523,7 +526,6 @@ class FilterRef(Section):
 
 # -- security (docs/security.md) ------------------------------------------------------------------------------
 
-IPNetwork = Annotated[Union[ipaddress.IPv4Network, ipaddress.IPv6Network], Field()]
 
 
 def _networks_before(value):
@@ -782,6 +784,75 @@ class Waf(Section):
     @classmethod
     def _body_limit(cls, value: int) -> int:
         return _waf_body_limit(value)
+class CacheKey(Section):
+    """What makes two requests the same cached object."""
+
+    scheme: bool = True
+    host: bool = Field(True, description="the Host header as sent (lower-cased, with its port)")
+    query: Literal["all", "none", "sorted"] = Field("all", description="keep the query as sent, drop it, or "
+                                                    "sort its parameters")
+    query_ignore: list[str] = Field([], description="query parameters left out of the key (e.g. utm_source)")
+    query_keep: list[str] | None = Field(None, description="only these query parameters count")
+    sort_query: bool = False
+    headers: list[str] = Field([], description="request headers whose values are part of the key")
+    cookies: list[str] = Field([], description="cookies whose values are part of the key")
+
+
+class RouteCache(Section):
+    enabled: bool = True
+    store: Literal["memory", "disk", "redis"] = Field("memory", description="disk: shared by the node's workers, "
+                                                      "kept across restarts; redis: shared by every node (both with "
+                                                      "the memory store as a first level)")
+    key: CacheKey = CacheKey()
+    default_ttl: Duration | None = Field(None, description="freshness for responses that give none (RFC 9111 "
+                                         "gives them none: off by default)")
+    max_ttl: Duration | None = Field(None, description="cap on any response's freshness")
+    heuristic_fraction: float = Field(0.1, ge=0, le=1, description="heuristic freshness as a share of the time "
+                                      "since Last-Modified")
+    heuristic_max: Duration = 86400.0
+    methods: list[Literal["GET", "HEAD"]] = ["GET", "HEAD"]
+    statuses: str | None = Field(None, description="statuses that may be stored; default: every final status "
+                                 "but 206 (those without explicit freshness only if heuristically cacheable)")
+    max_object_size: Size = 8 << 20
+    store_set_cookie: bool = Field(False, description="store responses with Set-Cookie (stored without it)")
+    stale_while_revalidate: Duration = Field(0.0, description="default for responses that do not say")
+    stale_if_error: Duration = Field(0.0, description="default for responses that do not say")
+    grace: Duration = Field(0.0, description="serve stale up to this long past expiry when no backend answers")
+    collapse: bool = True
+    collapse_timeout: Duration = 5.0
+    purge_from: list[IPNetwork] = Field([], description="addresses allowed to send PURGE")
+
+    @field_validator("statuses")
+    @classmethod
+    def _statuses(cls, value):
+        if value is not None:
+            parse_status_set(value)
+        return value
+
+    @field_validator("purge_from", mode="before")
+    @classmethod
+    def _networks(cls, value):
+        if isinstance(value, list):
+            return [ipaddress.ip_network(str(v), strict=False) if isinstance(v, str) else v for v in value]
+        return value
+
+
+class CacheRedis(Section):
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
+    prefix: str = "bastion:cache:"
+    timeout: Duration = Field(0.25, description="a lookup slower than this is a miss")
+
+
+class CacheDisk(Section):
+    path: str = Field(description="a folder for the node's cached responses (created if missing)")
+    size: Size = Field(1 << 30, description="bytes of responses kept on disk")
+
+
+class CacheSettings(Section):
+    memory_size: Size = Field(256 << 20, description="bytes of responses each worker keeps in memory")
+    redis: CacheRedis | None = Field(None, description="the shared store for routes with store: redis")
+    disk: CacheDisk | None = Field(None, description="the node's store for routes with store: disk")
+    name: str = Field("Bastion", description="the cache's name in Cache-Status")
 
 
 def _upstream_kind(value) -> str:
@@ -796,6 +867,13 @@ UpstreamRef = Annotated[
 
 
 class Route(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _cache_shorthand(cls, value):
+        if isinstance(value, dict) and isinstance(value.get("cache"), bool):
+            value = {**value, "cache": {"enabled": value["cache"]}}
+        return value
+
     name: str | None = None
     priority: int = 0
     match: Match = Match()
@@ -806,6 +884,7 @@ class Route(Section):
     request_headers: HeaderOps | None = None
     response_headers: HeaderOps | None = None
     upgrade: list[str] = ["websocket"]
+    cache: RouteCache | None = None
     timeouts: RouteTimeouts = RouteTimeouts()
     limits: RouteLimits = RouteLimits()
     security: RouteSecurity = RouteSecurity()
@@ -814,6 +893,8 @@ class Route(Section):
 
     @model_validator(mode="after")
     def _one_action(self):
+        if self.cache is not None and self.upstream is None and self.cache.enabled:
+            raise ValueError("cache: needs a route with an upstream")
         given = [k for k in ("upstream", "redirect", "respond") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("a route needs exactly one of upstream, redirect, respond")
@@ -859,6 +940,8 @@ class ProxySettings(Section):
     server_header: str | None = None
 
 
+
+
 class Config(Section):
     workers: Union[int, Literal["auto"]] = "auto"
     pid_file: str | None = None
@@ -874,6 +957,7 @@ class Config(Section):
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     security: Security = Security()
+    cache: CacheSettings = CacheSettings()
     upstreams: dict[str, Upstream] = {}
     routes: list[Route] = Field(min_length=1)
     filters: list[FilterRef] = []
@@ -895,6 +979,15 @@ class Config(Section):
                 if value is not None and value > getattr(self.limits, field):
                     raise ValueError(f"routes[{index}].limits.{field} ({value}) can only be tighter than the "
                                      f"global limits.{field} ({getattr(self.limits, field)}), which bounds parsing")
+        return self
+
+    @model_validator(mode="after")
+    def _cache_stores(self):
+        for index, route in enumerate(self.routes):
+            if route.cache is not None and route.cache.store == "redis" and self.cache.redis is None:
+                raise ValueError(f"routes[{index}].cache.store is redis: give cache.redis (url, prefix)")
+            if route.cache is not None and route.cache.store == "disk" and self.cache.disk is None:
+                raise ValueError(f"routes[{index}].cache.store is disk: give cache.disk (path, size)")
         return self
 
     @field_validator("workers")

@@ -49,6 +49,8 @@ class ForwardingHeaders:
         # With every header off and Host kept the filter has nothing to do, and routes leave it out.
         self.active = bool(managed) or self.request_id_header is not None
         self._fixed: dict[str, dict[str, tuple]] = {"http": {}, "https": {}}
+        if self.request_id_header is None:
+            self.response_filter = None  # nothing to add to responses: keep out of the response phase
 
     def _fixed_for(self, client_ip: str, scheme: str) -> tuple:
         fixed = [(b"X-Forwarded-For", client_ip.encode()), (b"X-Forwarded-Proto", scheme.encode())]

@@ -20,7 +20,7 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 from bastion.http.h1_upstream import FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 from bastion.http.headers import HOP_BY_HOP, status_line
 from bastion.proxy import engine
-from bastion.proxy.exchange import Exchange
+from bastion.proxy.exchange import Exchange, FileBody
 from bastion.http.paths import normalize_path
 
 log = logging.getLogger("bastion.http")
@@ -102,6 +102,7 @@ class ClientConnection(asyncio.Protocol):
         "upgrading",
         "out",
         "guard_slot",
+        "drained",
     )
 
     waits_for_proxy_header = False
@@ -148,6 +149,7 @@ class ClientConnection(asyncio.Protocol):
         self.upgrading = False
         self.out: list | None = None
         self.guard_slot = -1  # this connection's place in the node's connection counters (security)
+        self.drained: asyncio.Future | None = None  # a file body waits here while the client is slow
 
     def client_certificate(self):
         """(subject, SHA-256 fingerprint) of the client's verified certificate, or None; read once."""
@@ -213,6 +215,9 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.closed = True
+        drained = self.drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)  # a file body being sent stops
         self.worker.connection_closed(self)
         if self.guard_slot >= 0:
             self.runtime.connection_guard.release(self)
@@ -254,6 +259,11 @@ class ClientConnection(asyncio.Protocol):
         up = self.tunnel or self.upstream
         if up is not None:
             up.resume()
+        drained = self.drained
+        if drained is not None:
+            self.drained = None
+            if not drained.done():
+                drained.set_result(None)
 
     # -- reading control --------------------------------------------------------------------------------
     def _pause(self, reason: int) -> None:
@@ -944,8 +954,69 @@ class ClientConnection(asyncio.Protocol):
         self.resp_started = True
         self._write_head(ex, headers, False)
         if body and ex.method != b"HEAD":
+            if type(body) is FileBody:
+                self.loop.create_task(self._send_file(ex, body))
+                return
             self._send(body)
             ex.bytes_out += len(body)
+        if self.upgrading:
+            self.upgrading = False
+            self.close_after = True
+        self._end_exchange(ex)
+
+    async def _send_file(self, ex, body: FileBody) -> None:
+        """Send a file body in pieces, waiting whenever the client's socket buffer is full."""
+        self._flush()
+        try:
+            with open(body.path, "rb") as f:
+                f.seek(body.offset)
+                left = body.size
+                while left > 0 and not self.closed:
+                    piece = f.read(min(left, 256 * 1024))
+                    if not piece:
+                        break  # the file shrank under us: the client sees a short body and a close
+                    left -= len(piece)
+                    ex.bytes_out += len(piece)
+                    self.transport.write(piece)
+                    if self.write_paused:
+                        self.drained = self.loop.create_future()
+                        await self.drained
+        except OSError as exc:
+            log.warning("reading %s for a response failed: %s", body.path, exc)
+            left = 1
+        if self.closed:
+            return
+        if left > 0:
+            ex.error = "file_read_failed"
+            self.transport.abort()
+            return
+        if self.upgrading:
+            self.upgrading = False
+            self.close_after = True
+        self._end_exchange(ex)
+
+    def write_local_wire(self, ex, response) -> None:
+        """A local response whose header lines are prebuilt (a cache hit): one write, nothing rebuilt."""
+        if not ex.request_complete:
+            ex.discard_body = True
+            self.close_after = True
+        self.resp_started = True
+        if self.close_after or not ex.keep_alive or self.worker.draining:
+            self.close_after = True
+            end = b"Connection: close\r\n\r\n"
+        elif ex.http_version == "1.0":
+            end = b"Connection: keep-alive\r\n\r\n"
+        else:
+            end = b"\r\n"
+        body = response.body
+        if body and ex.method != b"HEAD":
+            ex.bytes_out += len(body)
+            if len(body) <= 16384:
+                self._send(response.wire + end + body)
+            else:
+                self._sendv((response.wire + end, body))
+        else:
+            self._send(response.wire + end)
         if self.upgrading:
             self.upgrading = False
             self.close_after = True

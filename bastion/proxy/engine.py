@@ -135,12 +135,17 @@ def proceed_to_upstream(conn, ex, route) -> None:
     conn.forward(ex, peer)
 
 
-def respond(conn, ex, response: Response) -> None:
-    """Answer with a response Bastion made (a filter's, a redirect, an error page)."""
+def respond(conn, ex, response: Response, replaceable: bool = False) -> None:
+    """Answer with a response Bastion made (a filter's, a redirect, an error page). `replaceable`: a
+    response filter may answer in its place (Bastion's error for a failed backend: a cache's stale copy)."""
     ex.status = response.status
+    if response.wire is not None:
+        ex.response_headers_raw = response.headers.raw
+        conn.write_local_wire(ex, response)
+        return
     ex.response_headers_raw = list(response.headers.raw)
-    run_response_filters(ex, False)
-    conn.write_local_response(ex, response.body)
+    replacement = run_response_filters(ex, replaceable)
+    conn.write_local_response(ex, response.body if replacement is None else replacement.body)
 
 
 def respond_error(conn, ex, status: int, retry_after: int | None = None) -> None:
@@ -152,7 +157,8 @@ def respond_error(conn, ex, status: int, retry_after: int | None = None) -> None
     response = error_response(status, ex.request_id, accept)
     if retry_after is not None:
         response.headers.add("Retry-After", str(retry_after))
-    respond(conn, ex, response)
+    route = ex.route
+    respond(conn, ex, response, status >= 502 and route is not None and route.upstream is not None)
 
 
 # -- upstream attempts and retries ---------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def new_request_id() -> bytes:
 class Response:
     """An answer produced by Bastion itself (a filter's early answer, a redirect, an error page)."""
 
-    __slots__ = ("status", "headers", "body")
+    __slots__ = ("status", "headers", "body", "wire")
 
     def __init__(
         self,
@@ -49,6 +49,26 @@ class Response:
         if content_type is not None:
             items.append((b"Content-Type", content_type.encode("latin-1")))
         self.headers = Headers(items)
+        # Optional prebuilt head: status line and header lines (Content-Length included, no Connection, no
+        # final empty line). Such a
+        # response is written as is, without the response phase. Only for a filter that knows no other
+        # response filter is on the route (the cache's hits).
+        self.wire: bytes | None = None
+
+
+class FileBody:
+    """A local response's body that stays in a file and is sent in pieces as the client takes them (the
+    disk cache's large objects): `size` bytes from `offset`."""
+
+    __slots__ = ("path", "offset", "size")
+
+    def __init__(self, path: str, offset: int, size: int):
+        self.path = path
+        self.offset = offset
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class Exchange:

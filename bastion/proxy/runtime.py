@@ -85,6 +85,7 @@ class Runtime:
     cert_files: list = field(default_factory=list)
     security: object = None  # bastion.security.setup.SecuritySetup (bans for the admin API)
     connection_guard: object = None  # asked by each accepted connection when connection-level limits are on
+    cache: object = None  # bastion.cache.runtime.CacheRuntime when a route caches
 
     def tick(self, now: float) -> None:
         if self.health_table is not None:

@@ -13,6 +13,7 @@
 /close                            answers, then closes the connection
 /__stats, /__reset                request count (not counting these two), reset
 /__health                         200, or 503 after POST /__health/down (POST /__health/up to recover)
+/cache/..., /__cache/...          responses with chosen caching headers, for the cache tests (cache_origin.py)
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import hashlib
 import json
 
 from aiohttp import WSMsgType, web
+
+try:
+    from cache_origin import add_routes as add_cache_routes  # run as a script (the tests do)
+except ImportError:
+    from tests.support.cache_origin import add_routes as add_cache_routes
 
 PATTERN = b"0123456789abcdef" * 4096  # 64 KiB
 
@@ -148,6 +154,7 @@ def make_app(name: str) -> web.Application:
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/ws", ws)
     app.router.add_get("/close", close)
+    add_cache_routes(app)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 
