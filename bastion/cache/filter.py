@@ -240,7 +240,9 @@ class HttpCache:
         response = self._response(entry, entry.status, entry.body, age, cache_status)
         if self.fast is None:
             route = ex.route
-            self.fast = route.on_response == (self.response_filter,)
+            # Hits skip the response phase when the other response filters were applied before storing.
+            self.fast = all(f == self.response_filter or getattr(getattr(f, "__self__", None), "cache_safe_response", False)
+                            for f in route.on_response)
         if self.fast:
             wire = [status_line(entry.status), entry.head_bytes, b"Age: %d\r\nCache-Status: %s\r\n" % (age, cache_status)]
             if entry.status >= 200 and entry.status not in (204, 304):

@@ -109,6 +109,10 @@ def _describe(route: Route) -> str:
     return " and ".join(parts) or "everything"
 
 
+def _cache_safe(method) -> bool:
+    return getattr(getattr(method, "__self__", None), "cache_safe_response", False)
+
+
 def _phase_tuples(route: CompiledRoute) -> None:
     route.on_request = phase_methods(route.filters, "request_filter")
     route.on_upstream_request = phase_methods(route.filters, "upstream_request_filter")
@@ -265,8 +269,12 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         route.filters = filters + security.route_back(spec, route.upstream) + tail
         _phase_tuples(route)
         if cache_filter is not None:
-            route.on_response = (cache_filter.response_filter,) + tuple(
-                f for f in route.on_response if f != cache_filter.response_filter)
+            # Response filters whose result depends only on the response (security headers, hidden backend
+            # Locations) run before the cache stores it, so hits need not run them again; the rest after.
+            own = cache_filter.response_filter
+            others = [f for f in route.on_response if f != own]
+            safe = tuple(f for f in others if _cache_safe(f))
+            route.on_response = safe + (own,) + tuple(f for f in others if not _cache_safe(f))
             route.on_response_body = (cache_filter.response_body_filter,) + tuple(
                 f for f in route.on_response_body if f != cache_filter.response_body_filter)
         rt = spec.timeouts

@@ -9,6 +9,9 @@ class SecurityHeaders:
     """X-Content-Type-Options, X-Frame-Options, Referrer-Policy and Content-Security-Policy on every
     response (Bastion's own answers too). The backend's own value wins unless `override` is set."""
 
+    # What it adds depends only on the response, so a cache stores the result and skips it on hits.
+    cache_safe_response = True
+
     def __init__(self, spec):
         fields = []
         if spec.content_type_options:
@@ -43,6 +46,9 @@ _LOCATION = (b"location", b"content-location")
 class HideBackendLocation:
     """A Location (or Content-Location) that points at one of the route's backend servers is rewritten to
     the public host, so a redirect never tells a client where the backends are."""
+
+    # The result depends on the response and the Host (part of the cache key): a cache stores it as is.
+    cache_safe_response = True
 
     def __init__(self, group, public_host: str | None, public_scheme: str | None):
         self.group = group

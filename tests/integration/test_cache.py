@@ -667,3 +667,18 @@ def test_routes_without_cache_get_no_cache_status(bastion, backend):
     b = bastion({"routes": [{"upstream": {"servers": [backend.address]}}]})
     _, h, _ = request(b, url(q(cc="max-age=60")))
     assert "cache-status" not in h
+
+
+def test_hits_carry_security_headers_and_hidden_backend_locations(bastion, backend):
+    # Security headers and backend-Location hiding are applied before the response is stored, so a hit,
+    # which skips the response phase, still has them.
+    b = bastion({"security": {"headers": {"content_security_policy": "default-src 'self'"}},
+                 "proxy": {"request_id_header": None},
+                 "routes": [{"name": "app", "upstream": {"servers": [backend.address]}, "cache": True}]})
+    path = url(q(cc="max-age=60", status="301", h_Location=f"http://{backend.address}/elsewhere"))
+    for attempt in ("miss", "hit"):
+        status, h, _ = request(b, path, headers={"Host": "www.example.test"})
+        assert status == 301 and attempt in h["cache-status"], (attempt, h)
+        assert h["location"] == "http://www.example.test/elsewhere", (attempt, h)
+        assert h["content-security-policy"] == "default-src 'self'" and h["x-frame-options"] == "DENY"
+    assert hits(backend, path) == 1
