@@ -1,9 +1,10 @@
 """In-process micro-benchmark of the HTTP/1.1 hot path: a client connection and a pooled backend
 connection driven with fake transports, so only Bastion's own Python work is measured (no sockets,
-no kernel). Usage: python bench/micro.py [N] [--profile] [--defaults] [--log]
+no kernel). Usage: python bench/micro.py [N] [--profile] [--defaults] [--log] [--cache]
 
 By default the route is configured as `make bench` runs it (examples/bench.yaml: no forwarding headers, no
-access log); --defaults measures Bastion's default forwarding headers and request id instead."""
+access log); --defaults measures Bastion's default forwarding headers and request id instead; --cache
+measures cache hits (examples/bench-cache.yaml: the response is stored once, then every request is a hit)."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def main() -> None:
         "listeners": ["127.0.0.1:8080"],
         "access_log": {"enabled": "--log" in sys.argv},
         "limits": {"requests_per_connection": 100_000_000},
-        "routes": [{"name": "default", "upstream": {"servers": ["127.0.0.1:9001"]}}],
+        "routes": [{"name": "default", "upstream": {"servers": ["127.0.0.1:9001"]}, "cache": "--cache" in sys.argv}],
     })
     runtime = compile_config(config)
     loop = asyncio.new_event_loop()
@@ -96,6 +97,18 @@ def main() -> None:
     def one():
         client.data_received(REQUEST)
         upstream.data_received(RESPONSE)
+
+    if "--cache" in sys.argv:
+        from email.utils import formatdate
+
+        cacheable = RESPONSE.replace(b"Connection: keep-alive\r\n", b"Cache-Control: public, max-age=600\r\n")
+        cacheable = cacheable.replace(b"Tue, 24 Nov 2026 02:00:00 GMT", formatdate(usegmt=True).encode())
+        client.data_received(REQUEST)
+        upstream.data_received(cacheable)
+        loop.run_until_complete(asyncio.sleep(0))
+
+        def one():  # noqa: F811 - every request after the first is a hit
+            client.data_received(REQUEST)
 
     for _ in range(1000):
         one()
