@@ -29,6 +29,7 @@ log = logging.getLogger("bastion.acme")
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 ACME_TLS_ALPN = "acme-tls/1"
 ACME_IDENTIFIER_OID = "1.3.6.1.5.5.7.1.31"  # id-pe-acmeIdentifier (RFC 8737 section 6.1)
+_HANDSHAKE = 22
 _CLIENT_HELLO = 1
 _ALPN_EXTENSION = 16
 
@@ -193,8 +194,8 @@ class TlsAlpnResponder:
         self.entry.sni_callback = self._choose
 
     def _client_hello(self, conn, direction, version, content_type, msg_type, data) -> None:
-        if msg_type == _CLIENT_HELLO and direction == "read" and b"acme-tls/1" in data:
-            if ACME_TLS_ALPN.encode() in offered_alpn(data):
+        if msg_type == _CLIENT_HELLO and content_type == _HANDSHAKE and direction == "read":
+            if b"acme-tls/1" in data and ACME_TLS_ALPN.encode() in offered_alpn(data):
                 setattr(conn, self.MARK, True)
 
     def _choose(self, ssl_object, server_name, context) -> None:

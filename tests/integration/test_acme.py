@@ -99,7 +99,7 @@ def pebble_root(pebble) -> str:
         return r.read().decode()
 
 
-def handshake(port, name="localhost", alpn=None, cadata=None):
+def handshake(port, name="localhost", alpn=None, cadata=None, maximum=None):
     """(certificate, negotiated ALPN) that Bastion serves to a client sending SNI `name` and offering
     `alpn`; with `cadata`, the certificate must verify against it for `name`."""
     from cryptography import x509
@@ -107,6 +107,8 @@ def handshake(port, name="localhost", alpn=None, cadata=None):
     ctx = ssl.create_default_context(cadata=cadata) if cadata else ssl._create_unverified_context()
     if alpn:
         ctx.set_alpn_protocols(alpn)
+    if maximum:
+        ctx.maximum_version = maximum
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         with ctx.wrap_socket(raw, server_hostname=name) as s:
             return x509.load_der_x509_certificate(s.getpeercert(binary_form=True)), s.selected_alpn_protocol()
@@ -177,6 +179,8 @@ def test_validation_handshakes_get_the_validation_certificate_others_the_usual_o
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(validation_certificate_pem("localhost", "token.thumbprint"))
+    cert, protocol = handshake(tls, alpn=["acme-tls/1"], maximum=ssl.TLSVersion.TLSv1_2)
+    assert protocol == "acme-tls/1" and cert.serial_number != placeholder.serial_number  # over TLS 1.2 too
     cert, protocol = handshake(tls, alpn=["acme-tls/1"])
     assert protocol == "acme-tls/1"
     extension = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(ACME_IDENTIFIER_OID))
@@ -186,9 +190,10 @@ def test_validation_handshakes_get_the_validation_certificate_others_the_usual_o
     assert extension.value.value == b"\x04\x20" + hashlib.sha256(b"token.thumbprint").digest()
     # ... while normal clients of the same name, with or without ALPN, keep the usual certificate
     for alpn in (None, ["h2", "http/1.1"], ["http/1.1"]):
-        cert, protocol = handshake(tls, alpn=alpn)
-        assert cert.serial_number == placeholder.serial_number, alpn
-        assert protocol != "acme-tls/1"
+        for maximum in (None, ssl.TLSVersion.TLSv1_2):
+            cert, protocol = handshake(tls, alpn=alpn, maximum=maximum)
+            assert cert.serial_number == placeholder.serial_number, (alpn, maximum)
+            assert protocol != "acme-tls/1"
     # and requests still work
     with socket.create_connection(("127.0.0.1", tls), timeout=5) as raw:
         with ssl._create_unverified_context().wrap_socket(raw, server_hostname="localhost") as s:
