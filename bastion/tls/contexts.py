@@ -151,6 +151,11 @@ def answer_tls_alpn_challenges(contexts: SniContexts, tls, acme_settings) -> Non
     if wildcards:
         raise CertificateError(f"tls-alpn-01 cannot prove wildcard names ({', '.join(wildcards)}); "
                                "the ACME server only validates them over DNS-01")
+    if tls.client_auth is not None and tls.client_auth.mode == "required":
+        # the verify mode of the first context stays with the connection: the ACME server, which has no
+        # client certificate, would be refused
+        raise CertificateError("tls-alpn-01 cannot be answered with client_auth mode required; "
+                               "use client_auth mode optional or acme challenge http-01")
     from bastion.tls.acme import TlsAlpnResponder
 
     # a twin of the default context, so that no served connection stays on the one with the hook

@@ -216,17 +216,31 @@ def test_validation_handshakes_get_the_validation_certificate_others_the_usual_o
     assert cert.serial_number == placeholder.serial_number and protocol is None
 
 
-def test_tls_alpn_01_refuses_wildcards(backend, tmp_path):
+@pytest.mark.parametrize("tls, expected", [
+    ({"certificates": [{"acme": ["*.example.com"]}]}, "cannot prove wildcard names"),
+    # the validation server has no client certificate
+    ({"certificates": [{"acme": ["example.com"]}], "client_auth": {"mode": "required", "ca": "CA"}},
+     "client_auth mode required"),
+])
+def test_tls_alpn_01_configurations_it_cannot_answer(backend, tmp_path, tls, expected):
     from tests.conftest import BASTION
 
+    if "client_auth" in tls:
+        import trustme
+
+        trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        tls["client_auth"]["ca"] = str(tmp_path / "ca.pem")
     f = tmp_path / "bad.yaml"
     f.write_text(json.dumps({
-        "listeners": [{"address": f"127.0.0.1:{free_port()}", "tls": {"certificates": [{"acme": ["*.example.com"]}]}}],
+        "listeners": [{"address": f"127.0.0.1:{free_port()}", "tls": tls}],
         "acme": {"storage": str(tmp_path / "acme"), "challenge": "tls-alpn-01"},
         "routes": [{"upstream": {"servers": [backend.address]}}]}))
     result = subprocess.run([BASTION, "check", "-c", str(f)], capture_output=True, text=True, timeout=20)
     assert result.returncode == 2
-    assert "listeners[0].tls.certificates" in result.stderr and "wildcard" in result.stderr, result.stderr
+    assert "listeners[0].tls.certificates" in result.stderr and expected in result.stderr, result.stderr
+    # the same listener is fine with http-01
+    f.write_text(f.read_text().replace("tls-alpn-01", "http-01"))
+    assert subprocess.run([BASTION, "check", "-c", str(f)], capture_output=True, text=True, timeout=20).returncode == 0
 
 
 def test_unknown_challenge_type_is_a_config_error(backend, tmp_path):
