@@ -236,12 +236,13 @@ class TlsAlpnResponder:
 
 
 def _tls_alpn_challenge_types():
-    """The acme library (since 4.0) no longer knows tls-alpn-01; register the challenge type the way the
-    library defines its own, so that orders decode it and answer it like HTTP-01."""
+    """The acme library no longer ships tls-alpn-01 (5.x decodes it as an unrecognized challenge); register
+    the type the way the library defines its own, so that orders decode it and it is answered like HTTP-01."""
     from acme import challenges
 
     if "tls-alpn-01" in challenges.Challenge.TYPES:
         return
+
     @challenges.ChallengeResponse.register
     class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
         typ = "tls-alpn-01"
