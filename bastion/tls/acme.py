@@ -316,16 +316,18 @@ class AcmeIssuer:
                 challenge = next((c for c in authz.body.challenges if getattr(c.chall, "typ", None) == kind), None)
                 if challenge is None:
                     raise RuntimeError(f"the ACME server offers no {kind} challenge for {name}")
-                response, validation = challenge.response_and_validation(acme.net.key)
+                # both challenges prove the same key authorization (token.thumbprint), served differently
+                response = challenge.chall.response(acme.net.key)
+                key_authorization = challenge.chall.key_authorization(acme.net.key)
                 if kind == "tls-alpn-01":
                     if name not in {n.lower() for n in names}:
                         raise RuntimeError(f"the ACME server asks to validate {name!r}, which was not ordered")
                     challenge_file = Path(tls_alpn_file(str(self.storage), name))
                     challenge_file.parent.mkdir(parents=True, exist_ok=True)
-                    _write(str(challenge_file), validation_certificate_pem(name, validation), 0o600)
+                    _write(str(challenge_file), validation_certificate_pem(name, key_authorization), 0o600)
                 else:
                     challenge_file = self.challenges / challenge.chall.encode("token")
-                    _write(str(challenge_file), validation.encode())
+                    _write(str(challenge_file), key_authorization.encode())
                 written.append(challenge_file)
                 acme.answer_challenge(challenge, response)
             deadline = datetime.datetime.now() + datetime.timedelta(seconds=self.settings.timeout)
