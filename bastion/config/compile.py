@@ -191,7 +191,7 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         listeners[spec.address] = info
     if any(info.redirect_port for info in listeners.values()):
         head.insert(0, HttpsRedirect())
-    if acme_names:
+    if acme_names and config.acme.challenge == "http-01":
         head.insert(0, AcmeChallenge(config.acme.storage))  # answered before any redirect to HTTPS
     if any(info.hsts for info in listeners.values()):
         head.insert(0, StrictTransportSecurity())

@@ -42,6 +42,9 @@ def split_host_port(value: str, default_host: str = "0.0.0.0") -> tuple[str, int
     return host, int(port_text)
 
 
+_ACME_NAME = re.compile(r"(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
 class Certificate(Section):
     cert: str | None = Field(None, description="PEM certificate chain file")
     key: str | None = Field(None, description="PEM private key file")
@@ -50,7 +53,13 @@ class Certificate(Section):
     @field_validator("acme", mode="before")
     @classmethod
     def _names(cls, value):
-        return [value] if isinstance(value, str) else value
+        names = [value] if isinstance(value, str) else value
+        if isinstance(names, list):
+            for name in names:
+                # the names become file names in acme.storage and are sent to the ACME server
+                if isinstance(name, str) and not _ACME_NAME.fullmatch(name):
+                    raise ValueError(f"{name!r} is not a host name")
+        return names
 
     @model_validator(mode="after")
     def _files_or_acme(self):
@@ -66,6 +75,8 @@ class Certificate(Section):
 
 class Acme(Section):
     directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    challenge: Literal["http-01", "tls-alpn-01"] = Field(
+        "http-01", description="http-01: answered on port 80; tls-alpn-01: answered in the TLS handshake on 443")
     email: str | None = None
     storage: str = Field("/var/lib/bastion/acme", description="account key, certificates, pending challenges")
     ca_file: str | None = Field(None, description="CA to trust for the ACME server's own HTTPS (test servers)")

@@ -134,7 +134,34 @@ def listener_context(tls, acme_settings=None) -> SniContexts:
     for c in tls.certificates:
         cert, key = certificate_files(c, acme_settings)
         loaded.append(server_context(cert, key, tls.profile, tls.client_auth))
-    return SniContexts(loaded)
+    contexts = SniContexts(loaded)
+    answer_tls_alpn_challenges(contexts, tls, acme_settings)
+    return contexts
+
+
+def answer_tls_alpn_challenges(contexts: SniContexts, tls, acme_settings) -> None:
+    """With `acme.challenge: tls-alpn-01`, a listener holding ACME certificates answers the validation
+    handshakes for their names (see bastion.tls.acme.TlsAlpnResponder)."""
+    if acme_settings is None or acme_settings.challenge != "tls-alpn-01":
+        return
+    names = [name for c in tls.certificates if c.acme for name in c.acme]
+    if not names:
+        return
+    wildcards = [name for name in names if name.startswith("*.")]
+    if wildcards:
+        raise CertificateError(f"tls-alpn-01 cannot prove wildcard names ({', '.join(wildcards)}); "
+                               "the ACME server only validates them over DNS-01")
+    if tls.client_auth is not None and tls.client_auth.mode == "required":
+        # the verify mode of the first context stays with the connection: the ACME server, which has no
+        # client certificate, would be refused
+        raise CertificateError("tls-alpn-01 cannot be answered with client_auth mode required; "
+                               "use client_auth mode optional or acme challenge http-01")
+    from bastion.tls.acme import TlsAlpnResponder
+
+    # a twin of the default context, so that no served connection stays on the one with the hook
+    cert, key = certificate_files(tls.certificates[0], acme_settings)
+    serving_default = server_context(cert, key, tls.profile, tls.client_auth).context
+    TlsAlpnResponder(contexts, serving_default, acme_settings.storage, names)
 
 
 def upstream_context(settings) -> ssl.SSLContext:
