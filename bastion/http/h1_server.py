@@ -189,6 +189,12 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = now + self.timeouts.client_header
         self.deadline_kind = DL_HEADER
         self.worker.connection_opened(self)
+        if self.scheme == "https" and self.runtime.config.http2.enabled:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                from bastion.http.h2_server import start_h2
+
+                start_h2(self, b"")
 
     def connection_lost(self, exc):
         self.closed = True
@@ -280,6 +286,8 @@ class ClientConnection(asyncio.Protocol):
                 log.error("error while parsing a request", exc_info=cause or exc)
                 self.reject(500, "internal_error")
         except HttpParserError as exc:
+            if self.requests == 0 and data[:14] == b"PRI * HTTP/2.0" and self._h2_prior_knowledge(data):
+                return
             self.reject(400, _parser_reason(exc))
         else:
             if self.in_head and was_in_head:
@@ -287,6 +295,17 @@ class ClientConnection(asyncio.Protocol):
                 self.head_seen += len(data)
                 if self.head_seen > self.limits.header_bytes + self.limits.request_line:
                     self.reject(431, "header_too_large")
+
+    def _h2_prior_knowledge(self, data: bytes) -> bool:
+        """llhttp stops at the HTTP/2 preface; on a cleartext listener that allows it, HTTP/2 takes over."""
+        http2 = self.runtime.config.http2
+        if self.scheme != "http" or not http2.enabled or not http2.cleartext:
+            return False
+        from bastion.http.h2_server import start_h2
+
+        self.parsing = None
+        start_h2(self, data)
+        return True
 
     # -- httptools callbacks ----------------------------------------------------------------------------
     def on_message_begin(self):

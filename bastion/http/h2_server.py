@@ -1,0 +1,783 @@
+"""The client side of HTTP/2 (RFC 9113), with the `h2` state machine: one asyncio.Protocol per connection
+(`H2ServerConnection`) and one small object per stream (`H2Stream`).
+
+A stream is, towards the phase engine and the backend connection, exactly what an HTTP/1.1
+`ClientConnection` is for one exchange: it inherits the forwarding code (pooled HTTP/1.1 backend
+connections, retries, response replacement, body filters) and replaces only the output side (HEADERS
+and DATA frames instead of a status line and chunks) and the request-body input (DATA frames with flow
+control instead of httptools callbacks). Every filter therefore works on HTTP/2 unchanged.
+
+A connection arrives here from `ClientConnection`: on TLS listeners when ALPN chose "h2", on cleartext
+ones when the first bytes are the prior-knowledge preface ("PRI * HTTP/2.0").
+
+Protection: SETTINGS limit concurrent streams, header list size, HPACK table and frame size; h2 itself
+closes the connection on a CONTINUATION flood (more than 64 frames in one header block); streams the
+client opens and cancels faster than `http2.max_client_resets` per `http2.reset_window` (the "rapid
+reset" attack) get the connection closed with ENHANCE_YOUR_CALM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from time import monotonic
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from h2.settings import SettingCodes
+from hyperframe.frame import GoAwayFrame
+
+from bastion.http.h1_server import (
+    BODY_BUFFER_PAUSE,
+    BODY_PREFETCH,
+    DL_NONE,
+    PAUSE_BUFFER,
+    ClientConnection,
+)
+from bastion.http.headers import HOP_BY_HOP
+from bastion.http.paths import normalize_path
+from bastion.proxy import engine
+from bastion.proxy.exchange import Exchange
+
+log = logging.getLogger("bastion.http2")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+CONNECTION_WINDOW = 16 * 1024 * 1024  # request bodies of all streams together; per stream: initial_window_size
+PENDING_PAUSE = 256 * 1024  # response bytes waiting for the client's window before the backend is paused
+
+_STATUS = {code: b"%d" % code for code in range(100, 600)}
+# Connection-specific fields never go out on HTTP/2 (RFC 9113 8.2.2); Host becomes :authority.
+_NOT_ON_H2 = HOP_BY_HOP | {b"host"}
+_VIA_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"via"})
+_REQUEST_SPECIAL = _VIA_HEADERS | {b"host", b"content-length", b"cookie", b"te", b"x-request-id", b"expect"}
+_CHUNK_END = b"0\r\n\r\n"
+
+
+def settings_for(config) -> dict:
+    http2 = config.http2
+    return {
+        SettingCodes.MAX_CONCURRENT_STREAMS: http2.max_concurrent_streams,
+        SettingCodes.MAX_HEADER_LIST_SIZE: http2.max_header_list_size,
+        SettingCodes.HEADER_TABLE_SIZE: http2.header_table_size,
+        SettingCodes.INITIAL_WINDOW_SIZE: http2.initial_window_size,
+        SettingCodes.MAX_FRAME_SIZE: http2.max_frame_size,
+        SettingCodes.ENABLE_PUSH: 0,
+    }
+
+
+_SERVER_CONFIG = h2.config.H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_inbound_headers=True,
+    normalize_inbound_headers=True,
+    # Bastion lower-cases and filters what it sends itself (see H2Stream._send_head).
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
+
+
+class H2ServerConnection(asyncio.Protocol):
+    """One client connection speaking HTTP/2; owns the h2 state machine and the streams."""
+
+    __slots__ = (
+        "worker", "runtime", "listener", "loop", "transport", "client_ip", "tls_client", "h2", "streams",
+        "closed", "write_paused", "last_active", "resets", "reset_window_start", "goaway_sent", "last_stream",
+        "max_resets", "reset_window", "dead", "receiving",
+    )
+
+    def __init__(self, worker, runtime, listener, client_ip: str, tls_client=False):
+        self.worker = worker
+        self.runtime = runtime
+        self.listener = listener
+        self.loop = worker.loop
+        self.transport = None
+        self.client_ip = client_ip
+        self.tls_client = tls_client
+        config = runtime.config
+        conn = h2.connection.H2Connection(_SERVER_CONFIG)
+        values = settings_for(config)
+        conn.local_settings = h2.settings.Settings(client=False, initial_values=values)
+        # Settings take effect when the client acknowledges them; the decoder's limits hold from the start.
+        conn.decoder.max_header_list_size = config.http2.max_header_list_size
+        conn.decoder.max_allowed_table_size = config.http2.header_table_size
+        conn.max_inbound_frame_size = config.http2.max_frame_size
+        self.h2 = conn
+        self.streams: dict[int, H2Stream] = {}
+        self.closed = False
+        self.dead = False  # h2's state is closed: no more frames may be produced
+        self.receiving = False  # frames are being handled: output is written once, at the end
+        self.write_paused = False
+        self.last_active = monotonic()
+        self.resets = 0
+        self.reset_window_start = self.last_active
+        self.max_resets = config.http2.max_client_resets
+        self.reset_window = config.http2.reset_window
+        self.goaway_sent = False
+        self.last_stream = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        conn = self.h2
+        conn.initiate_connection()
+        conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.worker.connection_opened(self)
+        self.flush()
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.worker.connection_closed(self)
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for stream in streams:
+            stream._lost("client_closed")
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self):
+        self.write_paused = True
+        for stream in self.streams.values():
+            stream.write_paused = True
+            up = stream.upstream
+            if up is not None:
+                up.pause()
+
+    def resume_writing(self):
+        self.write_paused = False
+        for stream in self.streams.values():
+            stream.write_paused = False
+            up = stream.upstream
+            if up is not None and stream.pending_size < PENDING_PAUSE:
+                up.resume()
+
+    def flush(self) -> None:
+        if self.dead and self.closed:
+            return
+        data = self.h2.data_to_send()
+        if data and not self.closed:
+            self.transport.write(data)
+
+    def write(self, _data: bytes = b"") -> None:
+        self.flush()
+
+    def client_certificate(self):
+        if self.tls_client is False:
+            from bastion.tls.contexts import client_certificate_info
+
+            self.tls_client = client_certificate_info(self.transport.get_extra_info("ssl_object"))
+        return self.tls_client
+
+    # -- incoming frames ------------------------------------------------------------------------------------
+    def data_received(self, data: bytes):
+        if self.dead:
+            return
+        self.last_active = monotonic()
+        self.receiving = True
+        try:
+            events = self.h2.receive_data(data)
+            for event in events:
+                handler = _HANDLERS.get(type(event))
+                if handler is not None:
+                    handler(self, event)
+                    if self.dead:
+                        return
+        except h2.exceptions.ProtocolError as exc:
+            self.fail(getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR), f"protocol error: {exc}")
+            return
+        finally:
+            self.receiving = False
+        self.flush()
+
+    def fail(self, error_code, reason: str) -> None:
+        """A connection error: GOAWAY with the code, then close; every open exchange ends."""
+        if self.dead:
+            return
+        log.info("closing HTTP/2 connection from %s: %s", self.client_ip, reason)
+        self.dead = True
+        try:
+            self.h2.close_connection(error_code=error_code)
+            data = self.h2.data_to_send()
+            if data and not self.closed:
+                self.transport.write(data)
+        except h2.exceptions.ProtocolError:
+            pass
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for stream in streams:
+            stream._lost("http2_" + (error_code.name.lower() if isinstance(error_code, ErrorCodes) else str(error_code)))
+        if not self.closed:
+            self.transport.close()
+
+    def _on_request(self, event) -> None:
+        sid = event.stream_id
+        if self.goaway_sent and sid > self.last_stream:
+            # Opened after our GOAWAY: refused, so the client may safely retry it elsewhere.
+            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        stream = H2Stream(self, sid)
+        self.streams[sid] = stream
+        stream.begin(event.headers, event.stream_ended is not None)
+
+    def _on_data(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            self._ack(event.flow_controlled_length, event.stream_id)
+            return
+        stream.body_received(event.data, event.flow_controlled_length)
+
+    def _ack(self, size: int, sid: int) -> None:
+        if size:
+            try:
+                self.h2.acknowledge_received_data(size, sid)
+            except (h2.exceptions.StreamClosedError, KeyError):
+                # The stream is gone; the connection window still needs the bytes back.
+                self.h2.increment_flow_control_window(size)
+
+    def _on_trailers(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.request_trailers = [(n, v) for n, v in event.headers if n[:1] != b":"]
+
+    def _on_stream_ended(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.request_ended()
+
+    def _on_reset(self, event) -> None:
+        stream = self.streams.pop(event.stream_id, None)
+        if event.remote_reset:
+            now = monotonic()
+            if now - self.reset_window_start > self.reset_window:
+                self.reset_window_start = now
+                self.resets = 0
+            self.resets += 1
+            if self.resets > self.max_resets:
+                if stream is not None:
+                    stream._lost("client_reset")
+                self.fail(ErrorCodes.ENHANCE_YOUR_CALM, "too many streams cancelled by the client (rapid reset)")
+                return
+        if stream is not None:
+            stream._lost("client_reset")
+
+    def _on_window(self, event) -> None:
+        sid = event.stream_id
+        if sid == 0:
+            for stream in list(self.streams.values()):
+                if stream.pending:
+                    stream.send_pending()
+        else:
+            stream = self.streams.get(sid)
+            if stream is not None and stream.pending:
+                stream.send_pending()
+
+    def _on_settings(self, event) -> None:
+        if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            for stream in list(self.streams.values()):
+                if stream.pending:
+                    stream.send_pending()
+
+    def _on_goaway(self, event) -> None:
+        # The client will open no more streams; finish the ones it has and close.
+        self.goaway_sent = True
+        self.last_stream = self.h2.highest_inbound_stream_id
+        if not self.streams:
+            self.close()
+
+    # -- streams --------------------------------------------------------------------------------------------
+    def stream_done(self, stream) -> None:
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        if not self.streams and self.goaway_sent and not self.closed:
+            self.loop.call_soon(self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if not self.streams:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.transport.close()
+
+    # -- timers and draining (called by the worker) -----------------------------------------------------------
+    def check_deadline(self, now: float) -> None:
+        streams = self.streams
+        if streams:
+            for stream in list(streams.values()):
+                stream._check_upstream(now)
+            return
+        idle = now - self.last_active
+        if idle >= self.runtime.config.timeouts.keepalive or (self.goaway_sent and idle >= 1.0):
+            self.drain(now)
+            self.close()
+
+    def drain(self, now: float) -> None:
+        """GOAWAY: streams the client already opened finish, new ones are refused, then the connection
+        closes. h2's own close_connection() would forbid answering the open streams, so the frame is sent
+        by hand and h2 stays open for them."""
+        if self.goaway_sent or self.dead or self.closed:
+            return
+        self.goaway_sent = True
+        self.last_stream = self.h2.highest_inbound_stream_id
+        self.flush()
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self.last_stream
+        frame.error_code = 0
+        self.transport.write(frame.serialize())
+        if not self.streams:
+            self.loop.call_later(0.2, self._close_if_idle)
+
+
+_HANDLERS = {
+    h2.events.RequestReceived: H2ServerConnection._on_request,
+    h2.events.DataReceived: H2ServerConnection._on_data,
+    h2.events.TrailersReceived: H2ServerConnection._on_trailers,
+    h2.events.StreamEnded: H2ServerConnection._on_stream_ended,
+    h2.events.StreamReset: H2ServerConnection._on_reset,
+    h2.events.WindowUpdated: H2ServerConnection._on_window,
+    h2.events.RemoteSettingsChanged: H2ServerConnection._on_settings,
+    h2.events.ConnectionTerminated: H2ServerConnection._on_goaway,
+}
+
+
+class H2Stream(ClientConnection):
+    """One request/response on an HTTP/2 connection, seen by the engine and the backend connection as a
+    connection of its own. It is its own `transport` for the inherited code: write() flushes, abort()
+    resets the stream, pause_reading()/resume_reading() hold back flow-control credit."""
+
+    __slots__ = (
+        "conn", "stream_id", "pending", "pending_size", "ending", "head_pending", "response_trailers",
+        "request_trailers", "unacked", "te_trailers", "done",
+    )
+
+    def __init__(self, conn: H2ServerConnection, stream_id: int):
+        # The inherited slots the forwarding code reads; the HTTP/1.1 parsing ones stay unused.
+        self.worker = conn.worker
+        self.runtime = runtime = conn.runtime
+        self.listener = conn.listener
+        self.loop = conn.loop
+        config = runtime.config
+        self.limits = config.limits
+        self.max_headers = config.limits.header_count
+        self.timeouts = config.timeouts
+        self.scheme = conn.listener.scheme if conn.listener is not None else "http"
+        self.transport = self
+        self.client_ip = conn.client_ip
+        self.parsing = None
+        self.active = None
+        self.queue = None
+        self.upstream = None
+        self.upstream_ready = False
+        self.paused = 0
+        self.write_paused = conn.write_paused
+        self.close_after = False
+        self.closed = False
+        self.resp_started = False
+        self.resp_chunked = False
+        self.deadline = 0.0
+        self.deadline_kind = DL_NONE
+        self.tunnel = None
+        self.upgrading = False
+        self.out = None
+        self.conn = conn
+        self.stream_id = stream_id
+        self.pending: list | None = None
+        self.pending_size = 0
+        self.ending = False
+        self.head_pending = None
+        self.response_trailers = None
+        self.request_trailers = None
+        self.unacked = 0
+        self.te_trailers = False
+        self.done = False
+
+    def client_certificate(self):
+        return self.conn.client_certificate()
+
+    # -- the request ----------------------------------------------------------------------------------------
+    def begin(self, headers, ended: bool) -> None:
+        now = monotonic()
+        ex = Exchange(self, now)
+        ex.client_ip = self.client_ip
+        ex.scheme = self.scheme
+        ex.http_version = "2.0"
+        self.active = ex
+        method = target = authority = None
+        kept = []
+        cookies = None
+        size = 0
+        limits = self.limits
+        for name, value in headers:
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    target = value
+                elif name == b":authority":
+                    authority = value
+                continue
+            size += len(name) + len(value) + 4
+            if name not in _REQUEST_SPECIAL:
+                kept.append((name, value))
+            elif name == b"cookie":
+                cookies = [value] if cookies is None else cookies + [value]
+            elif name == b"host":
+                if not ex.host_header:
+                    ex.host_header = value
+            elif name == b"content-length":
+                ex.content_length = int(value)
+                kept.append((name, value))
+            elif name == b"te":
+                self.te_trailers = True  # h2 allows only "trailers"; kept for HTTP/2 backends (gRPC needs it)
+            elif name == b"x-request-id":
+                if 0 < len(value) <= 200:
+                    ex.incoming_request_id = value
+                    kept.append((name, value))
+            elif name == b"expect":
+                if value.lower() == b"100-continue":
+                    ex.expect_continue = True
+            else:
+                ex.via_proxy = True
+                kept.append((name, value))
+        ex.method = method or b"GET"
+        ex.target = target or b""
+        if cookies is not None:
+            # Cookie crumbs are one header again for HTTP/1.1 backends (RFC 9113 8.2.3).
+            kept.append((b"cookie", b"; ".join(cookies)))
+        if authority:
+            ex.host_header = authority
+        if ex.host_header:
+            kept.insert(0, (b"host", ex.host_header))
+            host = ex.host_header.strip().lower()
+            ex.host = host if host.endswith(b"]") or b":" not in host else host.rpartition(b":")[0]
+        ex.headers = kept
+        if ended:
+            ex.request_complete = True
+        else:
+            self.parsing = ex
+            ex.body_chunks = []
+            if ex.content_length is None:
+                ex.chunked = True  # the body's length is unknown: chunked towards HTTP/1.1 backends
+        if len(kept) > self.max_headers:
+            self.reject(431, "too_many_headers")
+            return
+        if size > limits.header_bytes:
+            self.reject(431, "header_too_large")
+            return
+        if ex.method == b"CONNECT":
+            self.reject(501, "connect_not_supported")
+            return
+        if target is None or not (target[:1] == b"/" or (target == b"*" and ex.method == b"OPTIONS")):
+            self.reject(400, "bad_target")
+            return
+        if not ex.host_header:
+            self.reject(400, "missing_host")
+            return
+        path, _, ex.query = target.partition(b"?")
+        if b"/." in path:
+            path = normalize_path(path)
+        ex.path = path
+        engine.start(self, ex, self.runtime)
+
+    def body_received(self, data: bytes, flow_length: int) -> None:
+        ex = self.parsing
+        if ex is None or ex.discard_body or self.closed:
+            self.conn._ack(flow_length, self.stream_id)
+            return
+        ex.bytes_in += len(data)
+        if ex.route is not None and ex.bytes_in > ex.route.body_limit:
+            self.conn._ack(flow_length, self.stream_id)
+            self.reject(413, "body_too_large")
+            return
+        if self.paused:
+            self.unacked += flow_length
+        else:
+            self.conn._ack(flow_length, self.stream_id)
+        if not data:
+            return
+        if ex is self.active and self.upstream_ready:
+            up = self.upstream
+            if ex.chunked:
+                up.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            else:
+                up.transport.write(data)
+            ex.body_sent = True
+            return
+        ex.body_chunks.append(data)
+        ex.body_buffered += len(data)
+        if ex is self.active and ex.waiting_body and ex.body_buffered >= BODY_PREFETCH:
+            ex.waiting_body = False
+            self._connect_or_attach(ex, ex.peer)
+        elif ex.body_buffered >= BODY_BUFFER_PAUSE:
+            self._pause(PAUSE_BUFFER)
+
+    def request_ended(self) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        self.parsing = None
+        ex.request_complete = True
+        if ex is self.active and not self.closed:
+            if self.upstream_ready:
+                if ex.chunked:
+                    self.upstream.transport.write(_CHUNK_END)
+            elif ex.waiting_body:
+                ex.waiting_body = False
+                self._connect_or_attach(ex, ex.peer)
+
+    # -- "transport" for the inherited code -----------------------------------------------------------------
+    def pause_reading(self) -> None:
+        pass  # flow-control credit is held back in body_received while self.paused is set
+
+    def resume_reading(self) -> None:
+        unacked = self.unacked
+        if unacked and not self.closed:
+            self.unacked = 0
+            self.conn._ack(unacked, self.stream_id)
+            self._flush_soon()
+
+    def write(self, _data: bytes = b"") -> None:
+        """Called where a backend read ends (see UpstreamConnection.data_received): one socket write."""
+        if self.head_pending is not None and not self.closed:
+            self._send_head(False)
+        self.conn.flush()
+
+    def writelines(self, _parts) -> None:
+        self.write()
+
+    def abort(self) -> None:
+        """A response cut short (the backend failed mid-body): the stream is reset, the rest goes on."""
+        if self.closed:
+            return
+        if not self.conn.dead:
+            try:
+                self.conn.h2.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
+        self._lost(None)
+        self.conn.flush()
+
+    close = abort
+
+    def get_extra_info(self, name, default=None):
+        return self.conn.transport.get_extra_info(name, default)
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    # -- output ---------------------------------------------------------------------------------------------
+    def _touch(self) -> None:
+        out = self.out
+        if out is not None:
+            if not out:
+                out.append(b"")
+        elif not self.conn.receiving:
+            self.write()
+
+    def _flush_soon(self) -> None:
+        if self.out is None and not self.conn.receiving:
+            self.conn.flush()
+
+    def send_continue(self) -> None:
+        if not self.closed:
+            self.conn.h2.send_headers(self.stream_id, [(b":status", b"100")])
+            self._touch()
+
+    def _write_head(self, ex, headers, chunked: bool, upgrade: bool = False) -> None:
+        head = [(b":status", _STATUS.get(ex.status) or b"%d" % ex.status)]
+        for name, value in headers:
+            lname = name.lower()
+            if lname not in _NOT_ON_H2:
+                head.append((lname, value))
+        self.head_pending = head
+        out = self.out
+        if out is not None and not out:
+            out.append(b"")
+
+    def _send_head(self, end: bool) -> None:
+        head = self.head_pending
+        self.head_pending = None
+        self.conn.h2.send_headers(self.stream_id, head, end_stream=end)
+
+    def _send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.head_pending is not None:
+            self._send_head(False)
+        if data:
+            if self.pending:
+                self.pending.append(data)
+                self.pending_size += len(data)
+            else:
+                self._send_data(data)
+            if self.pending_size >= PENDING_PAUSE:
+                up = self.upstream
+                if up is not None:
+                    up.pause()
+        self._touch()
+
+    def _sendv(self, parts) -> None:
+        self._send(b"".join(parts))
+
+    def _send_data(self, data: bytes) -> None:
+        """Send what the windows allow now; keep the rest for WINDOW_UPDATE."""
+        conn = self.conn.h2
+        sid = self.stream_id
+        window = conn.local_flow_control_window(sid)
+        frame = conn.max_outbound_frame_size
+        size = len(data)
+        if size <= window and size <= frame:
+            conn.send_data(sid, data)
+            return
+        view = memoryview(data)
+        offset = 0
+        while offset < size and window > 0:
+            n = min(window, frame, size - offset)
+            conn.send_data(sid, view[offset : offset + n].tobytes())
+            offset += n
+            window -= n
+        if offset < size:
+            rest = data[offset:]
+            self.pending = [rest]
+            self.pending_size = len(rest)
+
+    def send_pending(self) -> None:
+        if self.closed:
+            return
+        pending = self.pending
+        self.pending = None
+        self.pending_size = 0
+        for i, data in enumerate(pending):
+            if self.pending:
+                self.pending.extend(pending[i:])
+                self.pending_size += sum(len(d) for d in pending[i:])
+                break
+            self._send_data(data)
+        if not self.pending:
+            if self.ending:
+                self._finish_stream()
+            up = self.upstream
+            if up is not None and up.paused and not self.write_paused:
+                up.resume()
+        self._flush_soon()
+
+    def upstream_trailers(self, up, trailers) -> None:
+        self.response_trailers = trailers
+
+    # -- the end of an exchange -----------------------------------------------------------------------------
+    def _end_exchange(self, ex, now: float = 0.0) -> None:
+        self.active = None
+        ex.end = now or monotonic()
+        if not self.closed:
+            if self.pending:
+                self.ending = True
+            else:
+                self._finish_stream()
+        engine.finish(ex)
+
+    def _finish_stream(self) -> None:
+        conn = self.conn.h2
+        sid = self.stream_id
+        self.ending = False
+        trailers = self.response_trailers
+        if self.head_pending is not None:
+            self._send_head(trailers is None)
+        elif trailers is None:
+            conn.end_stream(sid)
+        if trailers is not None:
+            conn.send_headers(sid, [(n.lower(), v) for n, v in trailers], end_stream=True)
+        if self.parsing is not None:
+            # Answered before the request body ended: the client may stop sending (RFC 9113 8.1).
+            self.parsing.discard_body = True
+            self.parsing = None
+            conn.reset_stream(sid, ErrorCodes.NO_ERROR)
+        self.done = True
+        self.closed = True  # the owner of a backend read sees this and leaves the flush to us
+        self.conn.stream_done(self)
+        if not self.conn.receiving:
+            self.conn.flush()
+
+    def _lost(self, reason: str | None) -> None:
+        """The stream ended without a complete response (reset by the client, the connection gone)."""
+        if self.done:
+            return
+        self.done = True
+        self.closed = True
+        self.pending = None
+        self.conn.stream_done(self)
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            up.abort()
+        ex = self.active
+        if ex is not None:
+            self.active = None
+            engine.end_attempt(ex)
+            if reason is not None:
+                if not self.resp_started:
+                    ex.status = 499
+                ex.error = ex.error or reason
+            ex.end = monotonic()
+            engine.finish(ex)
+
+    def reject(self, status: int, reason: str) -> None:
+        """A request Bastion will not process: an error answer on this stream, nothing forwarded."""
+        if self.closed:
+            return
+        ex = self.active
+        if ex is None:
+            return  # already answered; the stream ends with it
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            self.upstream_ready = False
+            up.abort()
+            engine.end_attempt(ex)
+        if ex.route is None:
+            ex.route = self.runtime.fallback_route
+        if not ex.method:
+            ex.method = b"-"
+        ex.error = reason
+        if self.resp_started:
+            self.abort()
+            return
+        engine.respond_error(self, ex, status)
+
+    def lingering_close(self) -> None:
+        pass  # the connection, not the stream, decides about closing
+
+    def drain(self, now: float) -> None:
+        pass
+
+    def _check_upstream(self, now: float) -> None:
+        up = self.upstream
+        if up is None:
+            return
+        if up.reads != up.seen_reads:
+            up.seen_reads = up.reads
+            up.deadline = now + up.read_timeout
+        elif up.deadline and now >= up.deadline:
+            self.upstream = None
+            self.upstream_ready = False
+            up.abort()
+            ex = self.active
+            if ex is not None:
+                self._upstream_error(ex, 504, "upstream_timeout")
+                self.conn.flush()
+
+
+def start_h2(client, data: bytes) -> None:
+    """Hand a ClientConnection's transport to HTTP/2 (after ALPN chose h2, or on the preface)."""
+    conn = H2ServerConnection(client.worker, client.runtime, client.listener, client.client_ip, client.tls_client)
+    transport = client.transport
+    client.closed = True
+    client.worker.connections.discard(client)
+    transport.set_protocol(conn)
+    conn.connection_made(transport)
+    if data:
+        conn.data_received(data)
