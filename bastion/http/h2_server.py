@@ -424,7 +424,7 @@ class H2Stream(ClientConnection):
 
     __slots__ = (
         "conn", "stream_id", "pending", "pending_size", "ending", "head_pending", "response_trailers",
-        "request_trailers", "unacked", "te_trailers", "done",
+        "request_trailers", "unacked", "te_trailers", "done", "held",
     )
 
     def __init__(self, conn: H2ServerConnection, stream_id: int):
@@ -467,6 +467,7 @@ class H2Stream(ClientConnection):
         self.unacked = 0
         self.te_trailers = False
         self.done = False
+        self.held = None  # the last DATA of a backend read, kept so that it can carry END_STREAM
 
     def client_certificate(self):
         return self.conn.client_certificate()
@@ -712,8 +713,13 @@ class H2Stream(ClientConnection):
 
     def write(self, _data: bytes = b"") -> None:
         """Called where a backend read ends (see UpstreamConnection.data_received): one socket write."""
-        if self.head_pending is not None and not self.closed:
-            self._send_head(False)
+        if not self.closed:
+            if self.head_pending is not None:
+                self._send_head(False)
+            held = self.held
+            if held is not None:
+                self.held = None
+                self._send_data(held)
         self.conn.flush_soon()
 
     def writelines(self, _parts) -> None:
@@ -782,6 +788,18 @@ class H2Stream(ClientConnection):
             if self.pending:
                 self.pending.append(data)
                 self.pending_size += len(data)
+            elif self.out is not None:
+                # Inside a backend read: the chunk waits for the read's end (write()), or goes out with
+                # END_STREAM if the response ends in the same read.
+                held = self.held
+                if held is not None:
+                    self._send_data(held)
+                if self.pending:
+                    self.pending.append(data)
+                    self.pending_size += len(data)
+                    self.held = None
+                else:
+                    self.held = data
             else:
                 self._send_data(data)
             if self.pending_size >= PENDING_PAUSE:
@@ -854,12 +872,28 @@ class H2Stream(ClientConnection):
         sid = self.stream_id
         self.ending = False
         trailers = self.response_trailers
+        held = self.held
+        ended = False
         if self.head_pending is not None:
-            self._send_head(trailers is None)
-        elif trailers is None:
-            conn.end_stream(sid)
-        if trailers is not None:
-            conn.send_headers(sid, [(n.lower(), v) for n, v in trailers], end_stream=True)
+            ended = held is None and trailers is None
+            self._send_head(ended)
+        if held is not None:
+            self.held = None
+            if trailers is None and len(held) <= min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size):
+                conn.send_data(sid, held, end_stream=True)
+                ended = True
+            else:
+                self._send_data(held)
+                if self.pending:
+                    self.ending = True  # the rest, and the end, when the client's window opens
+                    if not self.conn.receiving:
+                        self.conn.flush_soon()
+                    return
+        if not ended:
+            if trailers is not None:
+                conn.send_headers(sid, [(n.lower(), v) for n, v in trailers], end_stream=True)
+            else:
+                conn.end_stream(sid)
         if self.parsing is not None:
             # Answered before the request body ended: the client may stop sending (RFC 9113 8.1).
             self.parsing.discard_body = True
@@ -878,6 +912,7 @@ class H2Stream(ClientConnection):
         self.done = True
         self.closed = True
         self.pending = None
+        self.held = None
         self.conn.stream_done(self)
         up = self.upstream
         if up is not None:
