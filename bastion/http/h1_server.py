@@ -17,6 +17,7 @@ from collections import deque
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from bastion.http import h2_upstream
 from bastion.http.h1_upstream import FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 from bastion.http.headers import HOP_BY_HOP, status_line
 from bastion.proxy import engine
@@ -506,6 +507,8 @@ class ClientConnection(asyncio.Protocol):
             if self.upstream_ready:
                 if ex.chunked:
                     self.upstream.transport.write(_CHUNK_END)
+                elif ex.body_chunks is not None and ex.route.upstream.http2:
+                    self.upstream.end_request()
             elif ex.waiting_body:
                 ex.waiting_body = False
                 self._connect_or_attach(ex, ex.peer)
@@ -528,6 +531,9 @@ class ClientConnection(asyncio.Protocol):
 
     def forward(self, ex, peer) -> None:
         """Called by the engine once filters ran and a peer is chosen."""
+        if ex.route.upstream.http2:
+            h2_upstream.forward(self, ex, peer)
+            return
         if not ex.request_complete:
             if ex.expect_continue:
                 self.send_continue()
@@ -552,6 +558,9 @@ class ClientConnection(asyncio.Protocol):
         self.loop.create_task(self._connect(ex, peer))
 
     def _connect_or_attach(self, ex, peer, fresh: bool = False) -> None:
+        if ex.route.upstream.http2:
+            h2_upstream.forward(self, ex, peer)
+            return
         up = None if fresh else peer.acquire(monotonic())
         if up is not None:
             self._attach(ex, up, True)

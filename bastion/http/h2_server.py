@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from time import monotonic
 
 import h2.config
@@ -424,7 +423,7 @@ class H2Stream(ClientConnection):
 
     __slots__ = (
         "conn", "stream_id", "pending", "pending_size", "ending", "head_pending", "response_trailers",
-        "request_trailers", "unacked", "te_trailers", "done", "held",
+        "request_trailers", "unacked", "done", "held",
     )
 
     def __init__(self, conn: H2ServerConnection, stream_id: int):
@@ -465,7 +464,6 @@ class H2Stream(ClientConnection):
         self.response_trailers = None
         self.request_trailers = None
         self.unacked = 0
-        self.te_trailers = False
         self.done = False
         self.held = None  # the last DATA of a backend read, kept so that it can carry END_STREAM
 
@@ -506,7 +504,7 @@ class H2Stream(ClientConnection):
                 ex.content_length = int(value)
                 kept.append((name, value))
             elif name == b"te":
-                self.te_trailers = True  # h2 allows only "trailers"; kept for HTTP/2 backends (gRPC needs it)
+                pass  # hop-by-hop; HTTP/2 backends get Bastion's own "te: trailers"
             elif name == b"x-request-id":
                 if 0 < len(value) <= 200:
                     ex.incoming_request_id = value
@@ -604,101 +602,6 @@ class H2Stream(ClientConnection):
             elif ex.waiting_body:
                 ex.waiting_body = False
                 self._connect_or_attach(ex, ex.peer)
-
-    # -- HTTP/2 backends (upstream protocol: h2) ----------------------------------------------------------------
-    def forward(self, ex, peer) -> None:
-        if ex.route.upstream.http2:
-            ex.chunked = False  # the body goes in DATA frames, not chunks
-            self._forward_h2(ex, peer)
-        else:
-            ClientConnection.forward(self, ex, peer)
-
-    def _connect_or_attach(self, ex, peer, fresh: bool = False) -> None:
-        if ex.route.upstream.http2:
-            self._forward_h2(ex, peer)
-        else:
-            ClientConnection._connect_or_attach(self, ex, peer, fresh)
-
-    def _forward_h2(self, ex, peer) -> None:
-        if not ex.request_complete and ex.expect_continue:
-            self.send_continue()
-        conn = h2_upstream.acquire(peer)
-        if conn is not None:
-            self._attach_h2(ex, conn)
-            return
-        group = ex.route.upstream
-        if not group.may_connect():
-            engine.end_attempt(ex)
-            ex.error = "circuit_open"
-            engine.respond_error(self, ex, 503, retry_after=1)
-            return
-        group.pending += 1
-        self.loop.create_task(self._connect_h2(ex, peer))
-
-    async def _connect_h2(self, ex, peer) -> None:
-        route = ex.route
-        try:
-            conn = h2_upstream.acquire(peer) or await h2_upstream.connect(peer, self.loop, route.connect_timeout)
-        except asyncio.TimeoutError:
-            self._upstream_error(ex, 504, "connect_timeout")
-            return
-        except ConnectionRefusedError:
-            self._upstream_error(ex, 502, "connect_refused")
-            return
-        except ssl.SSLError as exc:
-            log.warning("TLS to %s failed: %s", peer.address, exc)
-            self._upstream_error(ex, 502, "tls_error")
-            return
-        except OSError as exc:
-            log.info("connecting to %s failed: %s", peer.address, exc)
-            self._upstream_error(ex, 502, "connect_error")
-            return
-        finally:
-            route.upstream.pending -= 1
-        if self.closed or self.active is not ex:
-            return
-        self._attach_h2(ex, conn)
-        self.conn.flush()
-
-    def _attach_h2(self, ex, conn) -> None:
-        authority = None
-        headers = []
-        for name, value in ex.headers:
-            lname = name.lower()
-            if lname in _NOT_ON_H2:
-                if lname == b"host" and authority is None:
-                    authority = value
-                continue
-            headers.append((lname, value))
-        if self.te_trailers:
-            headers.append((b"te", b"trailers"))
-        peer = ex.peer
-        head = [(b":method", ex.method), (b":scheme", b"https" if peer.tls is not None else b"http"),
-                (b":authority", authority or peer.address_bytes), (b":path", ex.upstream_target())]
-        chunks = ex.body_chunks
-        end = ex.request_complete and not chunks and not self.request_trailers
-        up = conn.open_stream(self, head + headers, end)
-        now = monotonic()
-        ex.upstream_start = now
-        up.head_request = ex.method == b"HEAD"
-        up.read_timeout = ex.route.try_timeout
-        up.deadline = now + up.read_timeout
-        self.upstream = up
-        if chunks:
-            for chunk in chunks:
-                up.write(chunk)
-            ex.body_sent = True
-            if not ex.request_complete:
-                ex.body_chunks = []
-                ex.body_buffered = 0
-        if ex.request_complete and not end:
-            up.end_request(self.request_trailers)
-        conn.flush()
-        self.upstream_ready = True
-        if self.paused:
-            self._resume(PAUSE_BUFFER)
-        if self.write_paused:
-            up.pause()
 
     # -- "transport" for the inherited code -----------------------------------------------------------------
     def pause_reading(self) -> None:

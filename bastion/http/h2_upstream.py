@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from time import monotonic
 
 import h2.config
 import h2.connection
@@ -25,6 +27,8 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from bastion.http.h1_upstream import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE
+from bastion.http.headers import HOP_BY_HOP
+from bastion.proxy import engine
 
 log = logging.getLogger("bastion.http2.upstream")
 
@@ -42,6 +46,7 @@ _CLIENT_CONFIG = h2.config.H2Configuration(
 )
 
 _pools: dict = {}  # Peer -> [H2UpstreamConnection]
+_NOT_FORWARDED = HOP_BY_HOP | {b"host"}  # connection-specific on HTTP/2; Host becomes :authority
 
 
 def acquire(peer):
@@ -64,6 +69,98 @@ async def connect(peer, loop, timeout: float):
     _, conn = await asyncio.wait_for(connecting, timeout)
     conns.append(conn)
     return conn
+
+
+# -- forwarding one exchange (for the client side: an HTTP/2 stream or an HTTP/1.1 connection) -------------------
+
+
+def forward(client, ex, peer) -> None:
+    """In place of the HTTP/1.1 forwarding: a stream on a shared connection to the peer, opened now; the
+    request body follows in DATA frames as it arrives."""
+    ex.chunked = False  # the body goes in DATA frames, not chunks
+    if not ex.request_complete and ex.expect_continue:
+        client.send_continue()
+    conn = acquire(peer)
+    if conn is not None:
+        attach(client, ex, conn)
+        return
+    group = ex.route.upstream
+    if not group.may_connect():
+        engine.end_attempt(ex)
+        ex.error = "circuit_open"
+        engine.respond_error(client, ex, 503, retry_after=1)
+        return
+    group.pending += 1
+    client.loop.create_task(_connect(client, ex, peer))
+
+
+async def _connect(client, ex, peer) -> None:
+    route = ex.route
+    try:
+        conn = acquire(peer) or await connect(peer, client.loop, route.connect_timeout)
+    except asyncio.TimeoutError:
+        client._upstream_error(ex, 504, "connect_timeout")
+        return
+    except ConnectionRefusedError:
+        client._upstream_error(ex, 502, "connect_refused")
+        return
+    except ssl.SSLError as exc:
+        log.warning("TLS to %s failed: %s", peer.address, exc)
+        client._upstream_error(ex, 502, "tls_error")
+        return
+    except OSError as exc:
+        log.info("connecting to %s failed: %s", peer.address, exc)
+        client._upstream_error(ex, 502, "connect_error")
+        return
+    finally:
+        route.upstream.pending -= 1
+    if client.closed or client.active is not ex:
+        return
+    attach(client, ex, conn)
+
+
+def attach(client, ex, conn) -> None:
+    from bastion.http.h1_server import PAUSE_BUFFER
+
+    authority = None
+    headers = []
+    for name, value in ex.headers:
+        lname = name.lower()
+        if lname in _NOT_FORWARDED:
+            if lname == b"host" and authority is None:
+                authority = value
+            continue
+        headers.append((lname, value))
+    # TE is hop-by-hop: on this hop Bastion is the one that takes trailers (gRPC servers insist on it)
+    headers.append((b"te", b"trailers"))
+    peer = ex.peer
+    head = [(b":method", ex.method), (b":scheme", b"https" if peer.tls is not None else b"http"),
+            (b":authority", authority or peer.address_bytes), (b":path", ex.upstream_target())]
+    trailers = getattr(client, "request_trailers", None)
+    chunks = ex.body_chunks
+    end = ex.request_complete and not chunks and not trailers
+    up = conn.open_stream(client, head + headers, end)
+    now = monotonic()
+    ex.upstream_start = now
+    up.head_request = ex.method == b"HEAD"
+    up.read_timeout = ex.route.try_timeout
+    up.deadline = now + up.read_timeout
+    client.upstream = up
+    if chunks:
+        for chunk in chunks:
+            up.write(chunk)
+        ex.body_sent = True
+        if not ex.request_complete:
+            ex.body_chunks = []
+            ex.body_buffered = 0
+    if ex.request_complete and not end:
+        up.end_request(trailers)
+    conn.flush()
+    client.upstream_ready = True
+    if client.paused:
+        client._resume(PAUSE_BUFFER)
+    if client.write_paused:
+        up.pause()
 
 
 class H2UpstreamConnection(asyncio.Protocol):

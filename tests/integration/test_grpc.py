@@ -139,3 +139,24 @@ def test_grpc_many_concurrent_calls_share_a_connection(bastion, grpc_backend):
         deadline = time.monotonic() + 30
         results = [f.result(timeout=max(1, deadline - time.monotonic())) for f in pending]
     assert results == [b"echo:%d" % i for i in range(200)]
+
+
+def test_http1_client_to_an_h2_backend(bastion, grpc_backend):
+    """An HTTP/1.1 client on a `protocol: h2` route: Bastion speaks HTTP/2 to the backend and answers
+    in HTTP/1.1 (chunked; the trailers have no place there and are dropped)."""
+    import http.client
+    import struct
+
+    b = bastion(grpc_config(grpc_backend))
+    message = b"from http/1.1"
+    framed = b"\x00" + struct.pack(">I", len(message)) + message  # one gRPC message, uncompressed
+    conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=10)
+    conn.request("POST", f"/{SERVICE}/Echo", body=framed,
+                 headers={"Content-Type": "application/grpc", "TE": "trailers"})
+    response = conn.getresponse()
+    body = response.read()
+    assert response.status == 200
+    assert response.getheader("content-type") == "application/grpc"
+    reply = b"echo:" + message
+    assert body == b"\x00" + struct.pack(">I", len(reply)) + reply
+    conn.close()
