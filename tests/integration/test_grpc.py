@@ -160,3 +160,30 @@ def test_http1_client_to_an_h2_backend(bastion, grpc_backend):
     reply = b"echo:" + message
     assert body == b"\x00" + struct.pack(">I", len(reply)) + reply
     conn.close()
+
+
+def test_the_grpc_example(grpc_backend, backend, tmp_path):
+    """examples/grpc.yaml as documented: gRPC calls to the gRPC server, other requests to the web backend."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from tests.conftest import wait_port
+
+    root = Path(__file__).resolve().parents[2]
+    port = free_port()
+    env = dict(os.environ, BASTION_LISTEN=f"127.0.0.1:{port}", BASTION_GRPC_UPSTREAM=grpc_backend,
+               BASTION_UPSTREAM=backend.address, BASTION_WORKERS="1")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "bastion"), "run", "-c", str(root / "examples" / "grpc.yaml")],
+                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_port(port, 15, proc), proc.stderr.read() if proc.poll() is not None else "not listening"
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=NO_PROXY) as channel:
+            assert calls(channel)["echo"](b"example", timeout=10) == b"echo:example"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/echo/x", timeout=5) as r:
+            assert b'"name": "backend"' in r.read()
+    finally:
+        proc.terminate()
+        proc.wait(20)
