@@ -260,6 +260,10 @@ class H2ServerConnection(asyncio.Protocol):
         except h2.exceptions.ProtocolError as exc:
             self.fail(getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR), f"protocol error: {exc}")
             return
+        except Exception:  # noqa: BLE001 - a bug must cost this connection, not the worker
+            log.exception("error while handling HTTP/2 frames")
+            self.fail(ErrorCodes.INTERNAL_ERROR, "internal error")
+            return
         finally:
             self.receiving = False
         self.flush()
@@ -531,6 +535,7 @@ class H2Stream(ClientConnection):
             ex.request_complete = True
         else:
             self.parsing = ex
+            self.deadline = now + self.timeouts.client_body
             ex.body_chunks = []
             if ex.content_length is None:
                 ex.chunked = True  # the body's length is unknown: chunked towards HTTP/1.1 backends
@@ -561,6 +566,7 @@ class H2Stream(ClientConnection):
             self.conn._ack(flow_length, self.stream_id)
             return
         ex.bytes_in += len(data)
+        self.deadline = self.conn.last_active + self.timeouts.client_body
         if ex.route is not None and ex.bytes_in > ex.route.body_limit:
             self.conn._ack(flow_length, self.stream_id)
             self.reject(413, "body_too_large")
@@ -592,6 +598,7 @@ class H2Stream(ClientConnection):
         if ex is None:
             return
         self.parsing = None
+        self.deadline = 0.0
         ex.request_complete = True
         if ex is self.active and not self.closed:
             if self.upstream_ready:
@@ -862,6 +869,14 @@ class H2Stream(ClientConnection):
         pass
 
     def _check_upstream(self, now: float) -> None:
+        if self.parsing is not None and self.deadline and now >= self.deadline:
+            # A request body that stopped arriving (the slow-body attack, one stream at a time)
+            self.deadline = 0.0
+            self.reject(408, "client_body_timeout")
+            if self.parsing is not None and not self.closed:
+                self.abort()
+            self.conn.flush()
+            return
         up = self.upstream
         if up is None:
             return

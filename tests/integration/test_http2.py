@@ -425,3 +425,18 @@ def test_http2_can_be_turned_off(bastion, backend):
     b = bastion(plain_config(backend, cleartext=False))
     r = curl("--http2-prior-knowledge", f"{b.url}/local")
     assert r.returncode != 0 or r.stdout != b"local answer\n"
+
+
+def test_a_stalled_request_body_times_out_on_its_stream(bastion, backend):
+    b = bastion({**plain_config(backend), "timeouts": {"client_body": "1s"}})
+    raw = RawH2(b.port)
+    raw.send(raw.headers(1, "/upload", end_stream=False))  # a body is announced, and never sent
+    started = time.monotonic()
+    frames, closed = raw.read_frames(lambda fs: any(isinstance(f, HeadersFrame) and f.stream_id == 1 for f in fs))
+    head = [f for f in frames if isinstance(f, HeadersFrame) and f.stream_id == 1][0]
+    assert dict(Decoder().decode(head.data, raw=True))[b":status"] == b"408"
+    assert 0.9 < time.monotonic() - started < 10
+    assert not closed  # only the stream ended
+    raw.send(raw.headers(3, "/local"))
+    frames, _ = raw.read_frames(lambda fs: any("END_STREAM" in f.flags and f.stream_id == 3 for f in fs))
+    assert b"".join(f.data for f in frames if f.type == 0 and f.stream_id == 3) == b"local answer\n"
