@@ -59,7 +59,41 @@ def acquire(peer):
     return None
 
 
+_connecting: dict = {}  # Peer -> Future of the connection being opened
+
+
 async def connect(peer, loop, timeout: float):
+    """A connection with room for one more stream: exchanges that arrive while one is being opened wait
+    for it rather than each opening its own."""
+    pending = _connecting.get(peer)
+    if pending is not None:
+        try:
+            await asyncio.wait_for(asyncio.shield(pending), timeout)
+        except Exception:  # noqa: BLE001 - that attempt failed; this exchange makes its own below
+            pass
+        conn = acquire(peer)
+        if conn is not None:
+            return conn
+    future = loop.create_future()
+    _connecting[peer] = future
+    try:
+        conn = await _open(peer, loop, timeout)
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            future.set_exception(exc)
+            future.exception()  # retrieved: nobody else may be waiting
+        else:
+            future.cancel()
+        raise
+    else:
+        future.set_result(conn)
+        return conn
+    finally:
+        if _connecting.get(peer) is future:
+            del _connecting[peer]
+
+
+async def _open(peer, loop, timeout: float):
     conns = _pools.setdefault(peer, [])
     if peer.tls is None:
         connecting = loop.create_connection(lambda: H2UpstreamConnection(peer, loop), peer.host, peer.port)

@@ -139,6 +139,21 @@ def test_grpc_many_concurrent_calls_share_a_connection(bastion, grpc_backend):
         deadline = time.monotonic() + 30
         results = [f.result(timeout=max(1, deadline - time.monotonic())) for f in pending]
     assert results == [b"echo:%d" % i for i in range(200)]
+    # the calls shared Bastion's connection to the server instead of opening one each
+    assert 1 <= established_to(grpc_backend) <= 2
+
+
+def established_to(address: str) -> int:
+    """Open TCP connections to address (as seen in /proc/net/tcp: both ends are on this machine)."""
+    port = int(address.rsplit(":", 1)[1])
+    count = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].split(":")[1], 16)
+            if remote_port == port and fields[3] == "01":  # ESTABLISHED
+                count += 1
+    return count
 
 
 def test_http1_client_to_an_h2_backend(bastion, grpc_backend):
