@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from time import monotonic
 
 import h2.config
@@ -29,6 +30,7 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
+from hpack import Decoder
 from hyperframe.frame import GoAwayFrame
 
 from bastion.http.h1_server import (
@@ -56,6 +58,65 @@ _NOT_ON_H2 = HOP_BY_HOP | {b"host"}
 _VIA_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"via"})
 _REQUEST_SPECIAL = _VIA_HEADERS | {b"host", b"content-length", b"cookie", b"te", b"x-request-id", b"expect"}
 _CHUNK_END = b"0\r\n\r\n"
+
+# Request fields are checked here rather than by h2 (whose generator chain costs more than the rest of the
+# request head): RFC 9113 8.2.1 (names: lower-case tokens; values: no NUL/CR/LF, no surrounding
+# whitespace), 8.2.2 (no connection-specific fields; TE only "trailers"), 8.3 (known pseudo-headers,
+# once each, before the regular fields). A malformed request gets 400 on its stream, nothing forwarded.
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z").match
+_BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z").search
+_CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+_PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority"})
+_valid_fields: set = set()  # (name, value) pairs already checked; headers repeat across requests
+_VALID_FIELDS_MAX = 8192
+
+
+def field_is_valid(name: bytes, value: bytes) -> bool:
+    pair = (name, value)
+    if pair in _valid_fields:
+        return True
+    if not _FIELD_NAME(name) or _BAD_VALUE(value) or name in _CONNECTION_SPECIFIC:
+        return False
+    if name == b"te" and value != b"trailers":
+        return False
+    if len(_valid_fields) >= _VALID_FIELDS_MAX:
+        _valid_fields.clear()
+    _valid_fields.add(pair)
+    return True
+
+
+class CachingDecoder(Decoder):
+    """hpack's decoder, remembering what a header block decoded to while the dynamic table stays the same.
+    Clients repeat blocks made only of table references (the same call again, the same headers on the next
+    request); those then cost a dictionary lookup. Any change to the table forgets everything."""
+
+    def __init__(self, max_header_list_size: int):
+        super().__init__(max_header_list_size=max_header_list_size)
+        self.blocks: dict = {}
+        self.changes = 0
+        add = self.header_table.add
+
+        def counting_add(name, value):
+            self.changes += 1
+            return add(name, value)
+
+        self.header_table.add = counting_add
+
+    def decode(self, data, raw: bool = False):
+        blocks = self.blocks
+        if raw:
+            hit = blocks.get(data)
+            if hit is not None:
+                return list(hit)
+        before = self.changes
+        headers = super().decode(data, raw)
+        if self.changes != before or (data and data[0] & 0xE0 == 0x20):  # an insertion or a table size update
+            blocks.clear()
+        elif raw and len(data) <= 2048:
+            if len(blocks) >= 256:
+                blocks.clear()
+            blocks[bytes(data)] = tuple(headers)
+        return headers
 
 
 def settings_for(config) -> dict:
@@ -131,9 +192,10 @@ def _encode_field(name: bytes, value: bytes) -> bytes:
 _SERVER_CONFIG = h2.config.H2Configuration(
     client_side=False,
     header_encoding=None,
-    validate_inbound_headers=True,
-    normalize_inbound_headers=True,
-    # Bastion lower-cases and filters what it sends itself (see H2Stream._send_head).
+    # Bastion checks request fields itself (field_is_valid, H2Stream.begin) and lower-cases and filters
+    # what it sends (H2Stream._write_head).
+    validate_inbound_headers=False,
+    normalize_inbound_headers=False,
     validate_outbound_headers=False,
     normalize_outbound_headers=False,
 )
@@ -159,10 +221,10 @@ class H2ServerConnection(asyncio.Protocol):
         config = runtime.config
         conn = h2.connection.H2Connection(_SERVER_CONFIG)
         conn.encoder = StaticTableEncoder()
+        conn.decoder = CachingDecoder(config.http2.max_header_list_size)
         values = settings_for(config)
         conn.local_settings = h2.settings.Settings(client=False, initial_values=values)
         # Settings take effect when the client acknowledges them; the decoder's limits hold from the start.
-        conn.decoder.max_header_list_size = config.http2.max_header_list_size
         conn.decoder.max_allowed_table_size = config.http2.header_table_size
         conn.max_inbound_frame_size = config.http2.max_frame_size
         self.h2 = conn
@@ -316,7 +378,7 @@ class H2ServerConnection(asyncio.Protocol):
     def _on_trailers(self, event) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is not None:
-            stream.request_trailers = [(n, v) for n, v in event.headers if n[:1] != b":"]
+            stream.request_trailers = [(n, v) for n, v in event.headers if n[:1] != b":" and field_is_valid(n, v)]
 
     def _on_stream_ended(self, event) -> None:
         stream = self.streams.get(event.stream_id)
@@ -482,19 +544,33 @@ class H2Stream(ClientConnection):
         ex.scheme = self.scheme
         ex.http_version = "2.0"
         self.active = ex
-        method = target = authority = None
+        method = target = authority = scheme = None
         kept = []
         cookies = None
         size = 0
         limits = self.limits
+        malformed = False
+        regular = False
         for name, value in headers:
             if name[:1] == b":":
-                if name == b":method":
+                if regular or name not in _PSEUDO or _BAD_VALUE(value):
+                    malformed = True
+                elif name == b":method":
+                    malformed = malformed or method is not None
                     method = value
                 elif name == b":path":
+                    malformed = malformed or target is not None
                     target = value
                 elif name == b":authority":
+                    malformed = malformed or authority is not None
                     authority = value
+                else:
+                    malformed = malformed or scheme is not None
+                    scheme = value
+                continue
+            regular = True
+            if not field_is_valid(name, value):
+                malformed = True
                 continue
             size += len(name) + len(value) + 4
             if name not in _REQUEST_SPECIAL:
@@ -505,6 +581,9 @@ class H2Stream(ClientConnection):
                 if not ex.host_header:
                     ex.host_header = value
             elif name == b"content-length":
+                if not value.isdigit() or ex.content_length is not None:
+                    malformed = True
+                    continue
                 ex.content_length = int(value)
                 kept.append((name, value))
             elif name == b"te":
@@ -539,6 +618,9 @@ class H2Stream(ClientConnection):
             ex.body_chunks = []
             if ex.content_length is None:
                 ex.chunked = True  # the body's length is unknown: chunked towards HTTP/1.1 backends
+        if malformed or method is None or scheme is None:
+            self.reject(400, "malformed_request")
+            return
         if len(kept) > self.max_headers:
             self.reject(431, "too_many_headers")
             return

@@ -440,3 +440,40 @@ def test_a_stalled_request_body_times_out_on_its_stream(bastion, backend):
     raw.send(raw.headers(3, "/local"))
     frames, _ = raw.read_frames(lambda fs: any("END_STREAM" in f.flags and f.stream_id == 3 for f in fs))
     assert b"".join(f.data for f in frames if f.type == 0 and f.stream_id == 3) == b"local answer\n"
+
+
+@pytest.mark.parametrize("fields", [
+    [("X-Upper", "v")],                     # names are lower case on HTTP/2
+    [("x-bad", "a\r\nx-injected: 1")],      # CR/LF would split the header towards an HTTP/1.1 backend
+    [("connection", "close")],              # connection-specific
+    [("te", "gzip")],                       # TE other than "trailers"
+    [(":path", "/again")],                  # a pseudo-header twice
+    [("x-a", "1"), (":custom", "x")],       # an unknown pseudo-header, after a regular field
+])
+def test_malformed_requests_get_400_and_are_not_forwarded(bastion, backend, fields):
+    b = bastion(plain_config(backend))
+    backend.reset()
+    raw = RawH2(b.port)
+    frame = HeadersFrame(1)
+    frame.data = raw.encoder.encode([(":method", "GET"), (":path", "/echo"), (":scheme", "http"),
+                                     (":authority", "localhost"), *fields])
+    frame.flags.add("END_HEADERS")
+    frame.flags.add("END_STREAM")
+    raw.send(frame)
+    frames, closed = raw.read_frames(lambda fs: any(isinstance(f, HeadersFrame) and f.stream_id == 1 for f in fs))
+    head = [f for f in frames if isinstance(f, HeadersFrame) and f.stream_id == 1][0]
+    assert dict(Decoder().decode(head.data, raw=True))[b":status"] == b"400"
+    assert backend.stats() == 0
+    raw.send(raw.headers(3, "/local"))  # the connection goes on
+    frames, _ = raw.read_frames(lambda fs: any("END_STREAM" in f.flags and f.stream_id == 3 for f in fs))
+    assert b"".join(f.data for f in frames if f.type == 0 and f.stream_id == 3) == b"local answer\n"
+
+
+def test_a_bad_content_length_is_a_connection_error(bastion, backend):
+    b = bastion(plain_config(backend))
+    backend.reset()
+    raw = RawH2(b.port)
+    raw.send(raw.headers(1, "/upload", end_stream=False, extra=[("content-length", "12x")]))
+    goaway, closed = raw.read_until_goaway()
+    assert goaway is not None and goaway.error_code == 1 and closed  # PROTOCOL_ERROR, from h2
+    assert backend.stats() == 0
