@@ -207,7 +207,7 @@ class H2ServerConnection(asyncio.Protocol):
     __slots__ = (
         "worker", "runtime", "listener", "loop", "transport", "client_ip", "tls_client", "h2", "streams",
         "closed", "write_paused", "last_active", "resets", "reset_window_start", "goaway_sent", "last_stream",
-        "max_resets", "reset_window", "dead", "receiving", "flush_pending",
+        "max_resets", "reset_window", "dead", "receiving", "flush_pending", "holding",
     )
 
     def __init__(self, worker, runtime, listener, client_ip: str, tls_client=False):
@@ -233,6 +233,7 @@ class H2ServerConnection(asyncio.Protocol):
         self.dead = False  # h2's state is closed: no more frames may be produced
         self.receiving = False  # frames are being handled: output is written once, at the end
         self.flush_pending = False
+        self.holding: list = []  # streams with a DATA chunk held back (see H2Stream.held)
         self.write_paused = False
         self.last_active = monotonic()
         self.resets = 0
@@ -281,6 +282,11 @@ class H2ServerConnection(asyncio.Protocol):
     def flush(self) -> None:
         if self.dead and self.closed:
             return
+        holding = self.holding
+        if holding:
+            self.holding = []
+            for stream in holding:
+                stream.release_held()
         data = self.h2.data_to_send()
         if data and not self.closed:
             self.transport.write(data)
@@ -780,18 +786,20 @@ class H2Stream(ClientConnection):
             if self.pending:
                 self.pending.append(data)
                 self.pending_size += len(data)
-            elif self.out is not None:
-                # Inside a backend read: the chunk waits for the read's end (write()), or goes out with
-                # END_STREAM if the response ends in the same read.
+            elif self.out is not None or self.conn.receiving:
+                # Inside a backend read or a client read: the chunk waits for the read's end (write(),
+                # conn.flush()), or goes out with END_STREAM if the response ends in the same read.
                 held = self.held
                 if held is not None:
+                    self.held = None
                     self._send_data(held)
                 if self.pending:
                     self.pending.append(data)
                     self.pending_size += len(data)
-                    self.held = None
                 else:
                     self.held = data
+                    if held is None:
+                        self.conn.holding.append(self)
             else:
                 self._send_data(data)
             if self.pending_size >= PENDING_PAUSE:
@@ -824,6 +832,12 @@ class H2Stream(ClientConnection):
             rest = data[offset:]
             self.pending = [rest]
             self.pending_size = len(rest)
+
+    def release_held(self) -> None:
+        held = self.held
+        if held is not None and not self.closed:
+            self.held = None
+            self._send_data(held)
 
     def send_pending(self) -> None:
         if self.closed:
