@@ -488,6 +488,22 @@ _HANDLERS = {
 }
 
 
+def _stream_guard(method):
+    """h2 refuses frames for a stream it already closed (a reset crossing our answer): that ends the stream
+    here too, instead of an exception in the middle of a backend read."""
+
+    def guarded(self, *args):
+        try:
+            return method(self, *args)
+        except h2.exceptions.ProtocolError as exc:
+            log.debug("HTTP/2 stream %d: %s", self.stream_id, exc)
+            self._lost("http2_stream_error")
+
+    guarded.__name__ = method.__name__
+    guarded.__doc__ = method.__doc__
+    return guarded
+
+
 class H2Stream(ClientConnection):
     """One request/response on an HTTP/2 connection, seen by the engine and the backend connection as a
     connection of its own. It is its own `transport` for the inherited code: write() flushes, abort()
@@ -859,6 +875,12 @@ class H2Stream(ClientConnection):
                 up.resume()
         self._flush_soon()
 
+    write = _stream_guard(write)
+    _send = _stream_guard(_send)
+    release_held = _stream_guard(release_held)
+    send_pending = _stream_guard(send_pending)
+    send_continue = _stream_guard(send_continue)
+
     def upstream_trailers(self, up, trailers) -> None:
         self.response_trailers = trailers
 
@@ -910,6 +932,8 @@ class H2Stream(ClientConnection):
         self.conn.stream_done(self)
         if not self.conn.receiving:
             self.conn.flush_soon()
+
+    _finish_stream = _stream_guard(_finish_stream)
 
     def _lost(self, reason: str | None) -> None:
         """The stream ended without a complete response (reset by the client, the connection gone)."""

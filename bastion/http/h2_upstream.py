@@ -412,7 +412,11 @@ class H2UpstreamStream:
         if self.pending:
             self.pending.append(data)
         else:
-            self._send(data)
+            try:
+                self._send(data)
+            except h2.exceptions.ProtocolError:
+                self.ended = True  # the backend closed the stream meanwhile; its StreamReset tells the owner
+                return
         if self.pending and sum(len(p) for p in self.pending) >= PENDING_PAUSE and self.owner is not None:
             self.owner.pause_reading_for_upstream()
         self.conn.flush()
@@ -443,7 +447,11 @@ class H2UpstreamStream:
         if self.pending:
             self.trailers = trailers or []
             return
-        self._end(trailers)
+        try:
+            self._end(trailers)
+        except h2.exceptions.ProtocolError:
+            self.ended = True
+            return
         self.conn.flush()
 
     def _end(self, trailers) -> None:
@@ -459,15 +467,20 @@ class H2UpstreamStream:
             return
         pending = self.pending
         self.pending = None
-        for i, data in enumerate(pending):
-            if self.pending:
-                self.pending.extend(pending[i:])
-                break
-            self._send(data)
-        if not self.pending:
-            if self.request_done and self.trailers is not None:
+        try:
+            for i, data in enumerate(pending):
+                if self.pending:
+                    self.pending.extend(pending[i:])
+                    break
+                self._send(data)
+            if not self.pending and self.request_done and self.trailers is not None:
                 trailers, self.trailers = self.trailers, None
                 self._end(trailers)
+        except h2.exceptions.ProtocolError:
+            self.ended = True
+            self.pending = None
+            return
+        if not self.pending:
             owner = self.owner
             if owner is not None and not self.conn.write_paused:
                 owner.resume_reading_for_upstream()

@@ -95,6 +95,8 @@ def exercise(channel) -> None:
     assert list(c["chat"](iter([b"a", b"bc", b"def"]), timeout=10)) == [b"A", b"BC", b"DEF"]
     big = c["big"](b"3000000", timeout=30)  # more than every flow-control window on the way
     assert big == bytes(range(256)) * (3000000 // 256)
+    upload = bytes(range(256)) * 12000  # and a request that large, both ways
+    assert c["echo"](upload, timeout=30) == b"echo:" + upload
 
 
 def test_grpc_over_h2c(bastion, grpc_backend):
