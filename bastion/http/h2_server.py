@@ -264,7 +264,11 @@ class H2ServerConnection(asyncio.Protocol):
         return False
 
     def pause_writing(self):
+        # A client that does not read what it asks for (PING, SETTINGS or reset floods that make the
+        # server answer) is not read from either until it does, so the output buffer stays bounded.
         self.write_paused = True
+        if not self.closed:
+            self.transport.pause_reading()
         for stream in self.streams.values():
             stream.write_paused = True
             up = stream.upstream
@@ -273,6 +277,8 @@ class H2ServerConnection(asyncio.Protocol):
 
     def resume_writing(self):
         self.write_paused = False
+        if not self.closed:
+            self.transport.resume_reading()
         for stream in self.streams.values():
             stream.write_paused = False
             up = stream.upstream
