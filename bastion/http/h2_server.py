@@ -134,6 +134,9 @@ def settings_for(config) -> dict:
     }
 
 
+_UNIQUE_VALUES = frozenset({b"x-request-id", b"x-correlation-id", b"traceparent", b"set-cookie"})  # not cached
+
+
 class StaticTableEncoder:
     """An HPACK encoder that uses only the static table (literals "without indexing" otherwise), in place
     of hpack's: no dynamic-table search per field, and since the output depends on nothing but the field,
@@ -165,15 +168,23 @@ class StaticTableEncoder:
             encoded = cache.get(field)
             if encoded is None:
                 encoded = _encode_field(field[0], field[1])
-                if len(cache) >= self._CACHE_MAX:
-                    cache.clear()
-                cache[field] = encoded
+                if field[0] not in _UNIQUE_VALUES:
+                    if len(cache) >= self._CACHE_MAX:
+                        cache.clear()
+                    cache[field] = encoded
             parts.append(encoded)
         return b"".join(parts)
 
 
-def _encode_field(name: bytes, value: bytes) -> bytes:
+def _hpack_int(value: int, prefix_bits: int) -> bytes:
+    if value < (1 << prefix_bits) - 1:
+        return bytes((value,))
     from hpack.hpack import encode_integer
+
+    return bytes(encode_integer(value, prefix_bits))
+
+
+def _encode_field(name: bytes, value: bytes) -> bytes:
     from hpack.table import HeaderTable
 
     if isinstance(name, str):
@@ -184,12 +195,9 @@ def _encode_field(name: bytes, value: bytes) -> bytes:
     if found is not None:
         index = found[1].get(value)
         if index is not None:
-            first = encode_integer(index, 7)
-            first[0] |= 0x80
-            return bytes(first)
-        prefix = encode_integer(found[0], 4)  # literal without indexing, indexed name
-        return bytes(prefix) + bytes(encode_integer(len(value), 7)) + value
-    return b"\x00" + bytes(encode_integer(len(name), 7)) + name + bytes(encode_integer(len(value), 7)) + value
+            return bytes((0x80 | index,)) if index < 127 else b"\xff" + _hpack_int(index - 127, 8)
+        return _hpack_int(found[0], 4) + _hpack_int(len(value), 7) + value  # literal, indexed name
+    return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
 
 
 # -- the two frames every response sends, without h2's frame objects ------------------------------------------

@@ -31,3 +31,10 @@ def test_announces_an_empty_dynamic_table_once_and_after_a_settings_change():
     assert first == b"\x20\x88" and second == b"\x88"
     encoder.header_table_size = 0  # what h2 does when the peer's SETTINGS_HEADER_TABLE_SIZE changes
     assert encoder.encode([(b":status", b"200")]) == b"\x20\x88"
+
+
+def test_lengths_on_both_sides_of_the_integer_prefix():
+    encoder, decoder = StaticTableEncoder(), Decoder()
+    for size in (0, 1, 14, 15, 16, 126, 127, 128, 300, 70000):
+        headers = [(b"content-type", b"t" * size), (b"x" * (size or 1), b"v" * size), (b"x-request-id", b"%d" % size)]
+        assert decode(decoder, encoder.encode(headers)) == headers
