@@ -35,6 +35,6 @@ def test_announces_an_empty_dynamic_table_once_and_after_a_settings_change():
 
 def test_lengths_on_both_sides_of_the_integer_prefix():
     encoder, decoder = StaticTableEncoder(), Decoder()
-    for size in (0, 1, 14, 15, 16, 126, 127, 128, 300, 70000):
+    for size in (0, 1, 14, 15, 16, 126, 127, 128, 300, 20000):
         headers = [(b"content-type", b"t" * size), (b"x" * (size or 1), b"v" * size), (b"x-request-id", b"%d" % size)]
         assert decode(decoder, encoder.encode(headers)) == headers
