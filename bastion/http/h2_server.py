@@ -645,9 +645,16 @@ class H2Stream(ClientConnection):
         limits = self.limits
         malformed = False
         regular = False
-        for name, value in headers:
+        valid = _valid_fields
+        for pair in headers:
+            name, value = pair
             if name[:1] == b":":
-                if regular or name not in _PSEUDO or _BAD_VALUE(value):
+                if pair not in valid:
+                    if _BAD_VALUE(value):
+                        malformed = True
+                    elif len(valid) < _VALID_FIELDS_MAX:
+                        valid.add(pair)
+                if regular or name not in _PSEUDO:
                     malformed = True
                 elif name == b":method":
                     malformed = malformed or method is not None
@@ -663,12 +670,12 @@ class H2Stream(ClientConnection):
                     scheme = value
                 continue
             regular = True
-            if not field_is_valid(name, value):
+            if pair not in valid and not field_is_valid(name, value):
                 malformed = True
                 continue
             size += len(name) + len(value) + 4
             if name not in _REQUEST_SPECIAL:
-                kept.append((name, value))
+                kept.append(pair)
             elif name == b"cookie":
                 cookies = [value] if cookies is None else cookies + [value]
             elif name == b"host":
