@@ -64,8 +64,6 @@ class Certificate(Section):
 class Acme(Section):
     directory: str = "https://acme-v02.api.letsencrypt.org/directory"
     email: str | None = None
-    challenge: Literal["http-01", "tls-alpn-01"] = Field(
-        "http-01", description="http-01: answered on plain port 80; tls-alpn-01: on the TLS listener itself")
     storage: str = Field("/var/lib/bastion/acme", description="account key, certificates, pending challenges")
     ca_file: str | None = Field(None, description="CA to trust for the ACME server's own HTTPS (test servers)")
     renew_before: Duration = 30 * 86400.0

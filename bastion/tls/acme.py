@@ -1,4 +1,4 @@
-"""Automatic certificates over ACME (HTTP-01 or TLS-ALPN-01), with the `acme` library.
+"""Automatic certificates over ACME (HTTP-01), with the `acme` library.
 
 One ACME manager process per node (forked by the master when a listener asks for ACME certificates)
 obtains and renews them; workers only answer the HTTP-01 challenges, from files the manager writes.
@@ -7,8 +7,6 @@ Certificates and the account key live in `acme.storage`:
     account.key                 the ACME account key (created once)
     certs/<name>.pem, .key      the certificate chain and key for a listener's names (<name> = first name)
     challenges/<token>          HTTP-01 key authorizations, while a challenge is pending
-    challenges/tls-alpn-01/<name>.pem, .key
-                                TLS-ALPN-01 certificates (RFC 8737), while a challenge is pending
 
 Until a first certificate is issued, a self-signed placeholder is served, so that HTTPS starts at once
 (documented choice: requests are not held). Renewal starts `renew_before` before expiry; a failed
@@ -28,40 +26,6 @@ from pathlib import Path
 log = logging.getLogger("bastion.acme")
 
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
-
-
-TLS_ALPN_PROTOCOL = "acme-tls/1"
-ACME_IDENTIFIER_OID = "1.3.6.1.5.5.7.1.31"  # id-pe-acmeIdentifier (RFC 8737)
-
-
-def tls_alpn_folder(storage: str) -> str:
-    return os.path.join(storage, "challenges", "tls-alpn-01")
-
-
-def tls_alpn_certificate(name: str, key_authorization: str) -> tuple[bytes, bytes]:
-    """The self-signed certificate that proves control of `name` in a TLS-ALPN-01 handshake: the name as
-    its only SAN and the SHA-256 of the key authorization in a critical acmeIdentifier extension."""
-    import hashlib
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import NameOID
-
-    key_pem = _new_key_pem()
-    key = serialization.load_pem_private_key(key_pem, None)
-    digest = hashlib.sha256(key_authorization.encode()).digest()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(ACME_IDENTIFIER_OID),
-                                                  b"\x04\x20" + digest), critical=True)  # DER OCTET STRING
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 def cert_paths(storage: str, names: list[str]) -> tuple[str, str]:
@@ -186,9 +150,6 @@ class AcmeIssuer:
             for authz in order.authorizations:
                 if authz.body.status.name == "valid":
                     continue  # already proven (servers may reuse authorizations)
-                if self.settings.challenge == "tls-alpn-01":
-                    written += self._tls_alpn(acme, authz)
-                    continue
                 challenge = next(c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01))
                 response, validation = challenge.response_and_validation(acme.net.key)
                 token_file = self.challenges / challenge.chall.encode("token")
@@ -205,47 +166,6 @@ class AcmeIssuer:
         _write(cert_file, order.fullchain_pem.encode())
         log.warning("acme: certificate for %s issued, valid until %s", ", ".join(names),
                     not_after(cert_file).strftime("%Y-%m-%d %H:%M UTC"))
-
-
-    def _tls_alpn(self, acme, authz) -> list:
-        """Answer one authorization with TLS-ALPN-01: write the challenge certificate where the workers
-        look for it (they serve it to handshakes for that name offering ALPN acme-tls/1), then tell the
-        server to validate."""
-        import josepy
-        from acme import challenges
-        from cryptography.hazmat.primitives import hashes
-
-        challenge = next(c for c in authz.body.challenges if c.chall.to_partial_json().get("type") == "tls-alpn-01")
-        token = challenge.chall.to_partial_json()["token"]
-        thumbprint = josepy.b64.b64encode(acme.net.key.thumbprint(hash_function=hashes.SHA256)).decode()
-        name = authz.body.identifier.value
-        cert_pem, key_pem = tls_alpn_certificate(name, f"{token}.{thumbprint}")
-        folder = Path(tls_alpn_folder(str(self.storage)))
-        folder.mkdir(parents=True, exist_ok=True)
-        key_file, cert_file = folder / f"{name}.key", folder / f"{name}.pem"
-        _write(str(key_file), key_pem, 0o600)
-        _write(str(cert_file), cert_pem)  # last: workers look for the .pem
-        acme.answer_challenge(challenge, _tls_alpn_response())
-        return [cert_file, key_file]
-
-
-_TLS_ALPN_RESPONSE: list = []
-
-
-def _tls_alpn_response():
-    """The (empty) answer to a TLS-ALPN-01 challenge; the acme package no longer has a class for it."""
-    if not _TLS_ALPN_RESPONSE:
-        from acme import challenges
-
-        @challenges.ChallengeResponse.register
-        class TlsAlpn01Response(challenges.ChallengeResponse):
-            typ = "tls-alpn-01"
-
-            def __bool__(self) -> bool:
-                return True  # without fields it would be falsy, and the acme client would send no "{}" at all
-
-        _TLS_ALPN_RESPONSE.append(TlsAlpn01Response)
-    return _TLS_ALPN_RESPONSE[0]()
 
 
 def run_manager(settings, certificates: list[list[str]]) -> int:

@@ -85,7 +85,7 @@ def server_context(cert_file: str, key_file: str, profile: str, client_auth=None
 class SniContexts:
     """The listener's default context, switching to the certificate that matches the client's SNI."""
 
-    def __init__(self, loaded: list[LoadedCertificate], tls_alpn_folder: str | None = None):
+    def __init__(self, loaded: list[LoadedCertificate]):
         self.default = loaded[0].context
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcard: dict[str, ssl.SSLContext] = {}
@@ -95,11 +95,7 @@ class SniContexts:
                     self.wildcard.setdefault(name[2:], item.context)
                 else:
                     self.exact.setdefault(name, item.context)
-        # ACME TLS-ALPN-01: while the ACME manager has a challenge certificate for a name, handshakes for
-        # that name get it (with ALPN acme-tls/1 only) so that the ACME server can validate.
-        self.tls_alpn_folder = tls_alpn_folder
-        self.challenge_contexts: dict[str, tuple[float, ssl.SSLContext]] = {}
-        if len(loaded) > 1 or tls_alpn_folder is not None:
+        if len(loaded) > 1:
             self.default.sni_callback = self._choose
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext:
@@ -112,34 +108,7 @@ class SniContexts:
             found = self.wildcard.get(parent, self.default)
         return found
 
-    def _challenge_context(self, server_name: str) -> ssl.SSLContext | None:
-        import os
-
-        name = server_name.lower()
-        cert_file = os.path.join(self.tls_alpn_folder, name + ".pem")
-        try:
-            mtime = os.stat(cert_file).st_mtime
-        except OSError:
-            self.challenge_contexts.pop(name, None)
-            return None
-        known = self.challenge_contexts.get(name)
-        if known is not None and known[0] == mtime:
-            return known[1]
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.set_alpn_protocols(["acme-tls/1"])
-        try:
-            context.load_cert_chain(cert_file, os.path.join(self.tls_alpn_folder, name + ".key"))
-        except (OSError, ssl.SSLError):
-            return None
-        self.challenge_contexts[name] = (mtime, context)
-        return context
-
     def _choose(self, ssl_object, server_name, context) -> None:
-        if self.tls_alpn_folder is not None and server_name:
-            challenge = self._challenge_context(server_name)
-            if challenge is not None:
-                ssl_object.context = challenge
-                return
         chosen = self.context_for(server_name)
         if chosen is not context:
             ssl_object.context = chosen
@@ -165,12 +134,7 @@ def listener_context(tls, acme_settings=None, http2: bool = False) -> SniContext
     for c in tls.certificates:
         cert, key = certificate_files(c, acme_settings)
         loaded.append(server_context(cert, key, tls.profile, tls.client_auth, http2))
-    folder = None
-    if acme_settings is not None and acme_settings.challenge == "tls-alpn-01" and any(c.acme for c in tls.certificates):
-        from bastion.tls.acme import tls_alpn_folder
-
-        folder = tls_alpn_folder(acme_settings.storage)
-    return SniContexts(loaded, folder)
+    return SniContexts(loaded)
 
 
 def upstream_context(settings, http2: bool = False) -> ssl.SSLContext:
