@@ -587,34 +587,12 @@ class H2Stream(ClientConnection):
     )
 
     def __init__(self, conn: H2ServerConnection, stream_id: int):
-        # The inherited slots the forwarding code reads; the HTTP/1.1 parsing ones stay unused.
-        self.worker = conn.worker
-        self.runtime = runtime = conn.runtime
-        self.listener = conn.listener
-        self.loop = conn.loop
-        config = runtime.config
-        self.limits = config.limits
-        self.max_headers = config.limits.header_count
-        self.timeouts = config.timeouts
-        self.scheme = conn.listener.scheme if conn.listener is not None else "http"
+        # Every inherited attribute starts as on a new HTTP/1.1 connection (so code added to
+        # ClientConnection finds its fields here too); then what differs for a stream.
+        ClientConnection.__init__(self, conn.worker, conn.runtime, conn.listener)
         self.transport = self
         self.client_ip = conn.client_ip
-        self.parsing = None
-        self.active = None
-        self.queue = None
-        self.upstream = None
-        self.upstream_ready = False
-        self.paused = 0
         self.write_paused = conn.write_paused
-        self.close_after = False
-        self.closed = False
-        self.resp_started = False
-        self.resp_chunked = False
-        self.deadline = 0.0
-        self.deadline_kind = DL_NONE
-        self.tunnel = None
-        self.upgrading = False
-        self.out = None
         self.conn = conn
         self.stream_id = stream_id
         self.pending: list | None = None
