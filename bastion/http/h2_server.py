@@ -273,7 +273,7 @@ class H2ServerConnection(asyncio.Protocol):
     __slots__ = (
         "worker", "runtime", "listener", "loop", "transport", "client_ip", "tls_client", "h2", "streams",
         "closed", "write_paused", "last_active", "resets", "reset_window_start", "goaway_sent", "last_stream",
-        "max_resets", "reset_window", "dead", "receiving", "flush_pending", "holding",
+        "max_resets", "reset_window", "dead", "receiving", "flush_pending", "holding", "origin",
     )
 
     def __init__(self, worker, runtime, listener, client_ip: str, tls_client=False):
@@ -308,6 +308,7 @@ class H2ServerConnection(asyncio.Protocol):
         self.reset_window = config.http2.reset_window
         self.goaway_sent = False
         self.last_stream = 0
+        self.origin = None  # the ClientConnection that accepted the connection and handed it over
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def connection_made(self, transport):
@@ -321,6 +322,11 @@ class H2ServerConnection(asyncio.Protocol):
     def connection_lost(self, exc):
         self.closed = True
         self.worker.connection_closed(self)
+        origin = self.origin
+        if origin is not None and getattr(origin, "guard_slot", -1) >= 0:
+            # per-client connection counters (connection-level security) were taken by the accepting
+            # connection, whose connection_lost never runs after the hand-over
+            self.runtime.connection_guard.release(origin)
         streams = list(self.streams.values())
         self.streams.clear()
         for stream in streams:
@@ -1073,6 +1079,7 @@ class H2Stream(ClientConnection):
 def start_h2(client, data: bytes) -> None:
     """Hand a ClientConnection's transport to HTTP/2 (after ALPN chose h2, or on the preface)."""
     conn = H2ServerConnection(client.worker, client.runtime, client.listener, client.client_ip, client.tls_client)
+    conn.origin = client
     transport = client.transport
     client.closed = True
     client.worker.connections.discard(client)
