@@ -21,7 +21,7 @@ run: venv
 
 # Everything the tests need that is not a Python package: installed when missing.
 # dnsmasq's package starts a system DNS service: the tests run their own, so that one is stopped.
-TEST_APT := curl dnsmasq pebble openssl redis-server libmodsecurity3 modsecurity-crs
+TEST_APT := curl dnsmasq pebble openssl redis-server libmodsecurity3 modsecurity-crs nghttp2-client
 test-deps: venv
 	@missing=""; for p in $(TEST_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

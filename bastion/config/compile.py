@@ -33,7 +33,7 @@ from bastion.upstream.pool import Peer, UpstreamGroup
 def _group(name: str, spec: Upstream, hidden: frozenset) -> UpstreamGroup:
     tls_context = None
     if any(server.tls for server in spec.servers):
-        tls_context = upstream_context(spec.tls)
+        tls_context = upstream_context(spec.tls, spec.protocol == "h2")
         if spec.tls is not None and spec.tls.insecure_skip_verify:
             logging.getLogger("bastion.config").warning(
                 "upstream %s: insecure_skip_verify is on: backend certificates are not verified", name)
@@ -63,7 +63,10 @@ def _group(name: str, spec: Upstream, hidden: frozenset) -> UpstreamGroup:
             sources.append(NameSource(host, port, server.weight, server.backup, server.drain, server.region, server.zone))
     if spec.servers_file:
         sources.append(FileSource(spec.servers_file))
-    return UpstreamGroup(name, peers, spec, sources, new_peer)
+    group = UpstreamGroup(name, peers, spec, sources, new_peer)
+    # HTTP/2 to the servers: the client side of bastion.http.h2_upstream, per group
+    group.http2 = spec.protocol == "h2"
+    return group
 
 
 def _user_filters(refs, where: str, source: str, problems: list) -> list:
@@ -178,7 +181,7 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
         info = ListenerInfo(spec)
         if spec.tls is not None:
             try:
-                info.tls = listener_context(spec.tls, config.acme)
+                info.tls = listener_context(spec.tls, config.acme, config.http2.enabled)
             except CertificateError as exc:
                 problems.append(ConfigProblem(source, f"listeners[{index}].tls.certificates", str(exc)))
             for c in spec.tls.certificates:

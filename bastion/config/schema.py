@@ -201,6 +201,35 @@ class Limits(Section):
     body_min_rate_after: Duration = Field(5.0, description="grace period at the start of a body")
 
 
+class Http2(Section):
+    """HTTP/2 towards clients (ALPN "h2" on TLS listeners, prior knowledge on cleartext ones) and its limits."""
+
+    enabled: bool = Field(True, description="offer h2 in ALPN on TLS listeners")
+    cleartext: bool = Field(True, description="accept h2c with prior knowledge on cleartext listeners")
+    max_concurrent_streams: int = Field(128, ge=1, le=10000, description="streams a client may have open at once")
+    max_header_list_size: Size = Field(65536, description="decoded request header list, as HPACK counts it")
+    header_table_size: Size = Field(4096, description="HPACK dynamic table the client may use towards Bastion")
+    initial_window_size: Size = Field(262144, description="flow-control window per stream for request bodies")
+    max_frame_size: Size = Field(16384, description="largest frame a client may send (16 KiB - 16 MiB)")
+    max_client_resets: int = Field(200, ge=1, description="streams a client may cancel per reset_window "
+                                   "before the connection is closed (the rapid-reset attack)")
+    reset_window: Duration = 10.0
+
+    @field_validator("max_frame_size")
+    @classmethod
+    def _frame_size(cls, value: int) -> int:
+        if not 16384 <= value <= 16777215:
+            raise ValueError("max_frame_size is between 16 KiB and 16 MiB - 1")
+        return value
+
+    @field_validator("initial_window_size")
+    @classmethod
+    def _window(cls, value: int) -> int:
+        if not 1 <= value <= 2**31 - 1:
+            raise ValueError("initial_window_size is between 1 byte and 2 GiB - 1")
+        return value
+
+
 class RouteLimits(Section):
     body: Size | None = None
     request_line: Size | None = Field(None, description="tighter than the global limit for this route")
@@ -363,6 +392,8 @@ class Upstream(Section):
     limits: UpstreamLimits = UpstreamLimits()
     locality: UpstreamLocality | None = None
     tls: UpstreamTls | None = Field(None, description="settings for https:// servers")
+    protocol: Literal["http1", "h2"] = Field("http1", description="h2: HTTP/2 to the servers (gRPC); over TLS "
+                                             "with ALPN for https:// servers, h2c prior knowledge for http://")
 
     @model_validator(mode="after")
     def _one_primary(self):
@@ -969,6 +1000,7 @@ class Config(Section):
     limits: Limits = Limits()
     security: Security = Security()
     cache: CacheSettings = CacheSettings()
+    http2: Http2 = Http2()
     upstreams: dict[str, Upstream] = {}
     routes: list[Route] = Field(min_length=1)
     filters: list[FilterRef] = []

@@ -17,6 +17,7 @@ from collections import deque
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from bastion.http import h2_upstream
 from bastion.http.h1_upstream import FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
 from bastion.http.headers import HOP_BY_HOP, status_line
 from bastion.proxy import engine
@@ -196,8 +197,14 @@ class ClientConnection(asyncio.Protocol):
         self.deadline_kind = DL_HEADER
         self.worker.connection_opened(self)
         guard = self.runtime.connection_guard
-        if guard is not None and not self.waits_for_proxy_header:
-            self.admit(guard)
+        if guard is not None and not self.waits_for_proxy_header and not self.admit(guard):
+            return
+        if self.scheme == "https" and self.runtime.config.http2.enabled:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                from bastion.http.h2_server import start_h2
+
+                start_h2(self, b"")
 
     def admit(self, guard) -> bool:
         """Connection-level security (deny lists, bans, connection limits); False when refused and closed."""
@@ -315,6 +322,8 @@ class ClientConnection(asyncio.Protocol):
                 log.error("error while parsing a request", exc_info=cause or exc)
                 self.reject(500, "internal_error")
         except HttpParserError as exc:
+            if self.requests == 0 and data[:14] == b"PRI * HTTP/2.0" and self._h2_prior_knowledge(data):
+                return
             self.reject(400, _parser_reason(exc))
         else:
             if self.in_head and was_in_head:
@@ -322,6 +331,17 @@ class ClientConnection(asyncio.Protocol):
                 self.head_seen += len(data)
                 if self.head_seen > self.limits.header_bytes + self.limits.request_line:
                     self.reject(431, "header_too_large")
+
+    def _h2_prior_knowledge(self, data: bytes) -> bool:
+        """llhttp stops at the HTTP/2 preface; on a cleartext listener that allows it, HTTP/2 takes over."""
+        http2 = self.runtime.config.http2
+        if self.scheme != "http" or not http2.enabled or not http2.cleartext:
+            return False
+        from bastion.http.h2_server import start_h2
+
+        self.parsing = None
+        start_h2(self, data)
+        return True
 
     # -- httptools callbacks ----------------------------------------------------------------------------
     def on_message_begin(self):
@@ -533,6 +553,8 @@ class ClientConnection(asyncio.Protocol):
             if self.upstream_ready:
                 if ex.chunked:
                     self.upstream.transport.write(_CHUNK_END)
+                elif ex.body_chunks is not None and ex.route.upstream.http2:
+                    self.upstream.end_request()
             elif ex.waiting_body:
                 ex.waiting_body = False
                 self._connect_or_attach(ex, ex.peer)
@@ -589,6 +611,9 @@ class ClientConnection(asyncio.Protocol):
 
     def forward(self, ex, peer) -> None:
         """Called by the engine once filters ran and a peer is chosen."""
+        if ex.route.upstream.http2:
+            h2_upstream.forward(self, ex, peer)
+            return
         if not ex.request_complete:
             if ex.expect_continue:
                 self.send_continue()
@@ -613,6 +638,9 @@ class ClientConnection(asyncio.Protocol):
         self.loop.create_task(self._connect(ex, peer))
 
     def _connect_or_attach(self, ex, peer, fresh: bool = False) -> None:
+        if ex.route.upstream.http2:
+            h2_upstream.forward(self, ex, peer)
+            return
         up = None if fresh else peer.acquire(monotonic())
         if up is not None:
             self._attach(ex, up, True)

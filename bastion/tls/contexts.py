@@ -44,7 +44,7 @@ def _names(cert_pem: bytes) -> tuple[list[str], datetime.datetime]:
     return names, cert.not_valid_after_utc
 
 
-def server_context(cert_file: str, key_file: str, profile: str, client_auth=None) -> LoadedCertificate:
+def server_context(cert_file: str, key_file: str, profile: str, client_auth=None, http2: bool = False) -> LoadedCertificate:
     try:
         with open(cert_file, "rb") as f:
             pem = f.read()
@@ -67,7 +67,7 @@ def server_context(cert_file: str, key_file: str, profile: str, client_auth=None
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_ciphers(INTERMEDIATE_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
     try:
         context.load_cert_chain(cert_file, key_file)
     except ssl.SSLError as exc:
@@ -129,17 +129,17 @@ def certificate_files(certificate, acme_settings) -> tuple[str, str]:
         raise CertificateError(f"cannot write to acme storage {acme_settings.storage}: {exc.strerror or exc}") from None
 
 
-def listener_context(tls, acme_settings=None) -> SniContexts:
+def listener_context(tls, acme_settings=None, http2: bool = False) -> SniContexts:
     loaded = []
     for c in tls.certificates:
         cert, key = certificate_files(c, acme_settings)
-        loaded.append(server_context(cert, key, tls.profile, tls.client_auth))
+        loaded.append(server_context(cert, key, tls.profile, tls.client_auth, http2))
     contexts = SniContexts(loaded)
-    answer_tls_alpn_challenges(contexts, tls, acme_settings)
+    answer_tls_alpn_challenges(contexts, tls, acme_settings, http2)
     return contexts
 
 
-def answer_tls_alpn_challenges(contexts: SniContexts, tls, acme_settings) -> None:
+def answer_tls_alpn_challenges(contexts: SniContexts, tls, acme_settings, http2: bool = False) -> None:
     """With `acme.challenge: tls-alpn-01`, a listener holding ACME certificates answers the validation
     handshakes for their names (see bastion.tls.acme.TlsAlpnResponder)."""
     if acme_settings is None or acme_settings.challenge != "tls-alpn-01":
@@ -160,16 +160,16 @@ def answer_tls_alpn_challenges(contexts: SniContexts, tls, acme_settings) -> Non
 
     # a twin of the default context, so that no served connection stays on the one with the hook
     cert, key = certificate_files(tls.certificates[0], acme_settings)
-    serving_default = server_context(cert, key, tls.profile, tls.client_auth).context
+    serving_default = server_context(cert, key, tls.profile, tls.client_auth, http2).context
     TlsAlpnResponder(contexts, serving_default, acme_settings.storage, names)
 
 
-def upstream_context(settings) -> ssl.SSLContext:
+def upstream_context(settings, http2: bool = False) -> ssl.SSLContext:
     """The context Bastion uses towards https:// backends: verification on (system CAs or `ca`), host
     name checked, an optional client certificate for mTLS."""
     context = ssl.create_default_context(cafile=settings.ca if settings is not None and settings.ca else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols(["h2"] if http2 else ["http/1.1"])
     if settings is not None and settings.client_cert:
         try:
             context.load_cert_chain(settings.client_cert, settings.client_key)
