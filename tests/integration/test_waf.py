@@ -283,6 +283,8 @@ def test_reload_changes_the_waf_settings(bastion, backend, tmp_path):
 
 
 def test_inspections_beyond_max_pending_get_503(bastion, backend, tmp_path):
+    # One inspection thread, at most one inspection queued: clients arriving together while it is busy are
+    # turned away at once (503) instead of waiting; the one being inspected is answered normally.
     b, _ = start(bastion, backend, tmp_path, {"body_limit": "16MiB", "threads": 1, "max_pending": 1}, workers=1)
     body = b"a=" + b"x y " * (1024 * 1024)
     answers: list[int] = []
@@ -293,17 +295,27 @@ def test_inspections_beyond_max_pending_get_503(bastion, backend, tmp_path):
                b"Content-Length: %d\r\n\r\n" % len(body) + body)
         answers.append(parse_response(http_raw(b.port, raw, timeout=120))[0])
 
+    statuses: list[int] = []
+    deadline = time.monotonic() + 30
+    gate = threading.Barrier(12)
+
+    def burst():
+        while time.monotonic() < deadline and 503 not in statuses:
+            try:
+                gate.wait(timeout=5)
+            except threading.BrokenBarrierError:
+                return
+            statuses.append(request(b.url + "/echo/other")[0])
+
     t = threading.Thread(target=slow)
     t.start()
-    deadline = time.monotonic() + 60
-    statuses = set()
-    while time.monotonic() < deadline and t.is_alive():
-        status = request(b.url + "/echo/other")[0]
-        statuses.add(status)
-        if status == 503:
-            break
-        time.sleep(0.05)
+    clients = [threading.Thread(target=burst) for _ in range(12)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join(60)
+    gate.abort()
     t.join(120)
     assert 503 in statuses, "no request was turned away while the one inspection slot was busy"
-    assert answers == [200]
+    assert set(statuses) <= {200, 503} and answers in ([200], [503])
     assert request(b.url + "/echo/after")[0] == 200
