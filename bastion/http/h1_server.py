@@ -512,14 +512,19 @@ class ClientConnection(asyncio.Protocol):
             raise RequestRejected(413, "body_too_large")
         if ex is self.active:
             self.deadline = monotonic() + self.timeouts.client_body
-            if self.upstream_ready:
-                up = self.upstream
-                if ex.chunked:
-                    up.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
-                else:
-                    up.transport.write(body)
-                ex.body_sent = True
-                return
+        self._take_body(ex, body)
+
+    def _take_body(self, ex, body: bytes) -> None:
+        """A piece of a request body (HTTP/1.1 or an HTTP/2 stream): on to the backend once one is attached,
+        else kept, for a filter awaiting the whole body, for the prefetch, or until a backend is ready."""
+        if ex is self.active and self.upstream_ready:
+            up = self.upstream
+            if ex.chunked:
+                up.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+            else:
+                up.transport.write(body)
+            ex.body_sent = True
+            return
         ex.body_chunks.append(body)
         ex.body_buffered += len(body)
         if ex.body_waiter is not None:
@@ -992,6 +997,10 @@ class ClientConnection(asyncio.Protocol):
             self.close_after = True
         self._end_exchange(ex)
 
+    def _output_full(self) -> bool:
+        """Whether a file body must wait before sending more (resume_writing wakes it)."""
+        return self.write_paused
+
     async def _send_file(self, ex, body: FileBody) -> None:
         """Send a file body in pieces, waiting whenever the client's socket buffer is full."""
         self._flush()
@@ -1005,8 +1014,8 @@ class ClientConnection(asyncio.Protocol):
                         break  # the file shrank under us: the client sees a short body and a close
                     left -= len(piece)
                     ex.bytes_out += len(piece)
-                    self.transport.write(piece)
-                    if self.write_paused:
+                    self._send(piece)
+                    if self._output_full():
                         self.drained = self.loop.create_future()
                         await self.drained
         except OSError as exc:

@@ -747,25 +747,7 @@ class H2Stream(ClientConnection):
             self.conn._ack(flow_length, self.stream_id)
         if not data:
             return
-        if ex is self.active and self.upstream_ready:
-            up = self.upstream
-            if ex.chunked:
-                up.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
-            else:
-                up.transport.write(data)
-            ex.body_sent = True
-            return
-        ex.body_chunks.append(data)
-        ex.body_buffered += len(data)
-        if ex.body_waiter is not None:  # a request filter awaits the whole body (Exchange.read_body)
-            if ex.body_buffered > ex.body_waiter[1]:
-                self._answer_body_waiter(ex, None)
-            return
-        if ex is self.active and ex.waiting_body and ex.body_buffered >= BODY_PREFETCH:
-            ex.waiting_body = False
-            self._connect_or_attach(ex, ex.peer)
-        elif ex.body_buffered >= BODY_BUFFER_PAUSE:
-            self._pause(PAUSE_BUFFER)
+        self._take_body(ex, data)
 
     def request_ended(self) -> None:
         ex = self.parsing
@@ -955,34 +937,9 @@ class H2Stream(ClientConnection):
     send_pending = _stream_guard(send_pending)
     send_continue = _stream_guard(send_continue)
 
-    async def _send_file(self, ex, body) -> None:
-        """A file body (a large object from the disk cache) as DATA frames, waiting for the stream's window
-        and the socket as the bytes go out."""
-        self._flush()
-        left = body.size
-        try:
-            with open(body.path, "rb") as f:
-                f.seek(body.offset)
-                while left > 0 and not self.closed:
-                    piece = f.read(min(left, 64 * 1024))
-                    if not piece:
-                        break
-                    left -= len(piece)
-                    ex.bytes_out += len(piece)
-                    self._send(piece)
-                    if self.pending or self.conn.write_paused:
-                        self.drained = self.loop.create_future()
-                        await self.drained
-        except OSError as exc:
-            log.warning("reading %s for a response failed: %s", body.path, exc)
-            left = 1
-        if self.closed:
-            return
-        if left > 0:
-            ex.error = "file_read_failed"
-            self.abort()
-            return
-        self._end_exchange(ex)
+    def _output_full(self) -> bool:
+        # A file body (a large object from the disk cache) waits for the stream's window and the socket.
+        return bool(self.pending) or self.conn.write_paused
 
     def wake_file_sender(self) -> None:
         drained = self.drained
