@@ -10,7 +10,6 @@ configured size limits. Any of these gets a 4xx, `Connection: close`, and nothin
 from __future__ import annotations
 
 import asyncio
-import ssl
 from time import monotonic
 import logging
 from collections import deque
@@ -18,7 +17,14 @@ from collections import deque
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from bastion.http import h2_upstream
-from bastion.http.h1_upstream import FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UpstreamConnection
+from bastion.http.h1_upstream import (
+    FRAMING_CHUNKED,
+    FRAMING_CLOSE,
+    FRAMING_LENGTH,
+    FRAMING_NONE,
+    UpstreamConnection,
+    connect_failure,
+)
 from bastion.http.headers import HOP_BY_HOP, status_line
 from bastion.proxy import engine
 from bastion.proxy.exchange import Exchange, FileBody
@@ -667,19 +673,8 @@ class ClientConnection(asyncio.Protocol):
                 connecting = self.loop.create_connection(lambda: UpstreamConnection(peer), peer.host, peer.port,
                                                          ssl=peer.tls, server_hostname=peer.server_name)
             _, up = await asyncio.wait_for(connecting, route.connect_timeout)
-        except asyncio.TimeoutError:
-            self._upstream_error(ex, 504, "connect_timeout")
-            return
-        except ConnectionRefusedError:
-            self._upstream_error(ex, 502, "connect_refused")
-            return
-        except ssl.SSLError as exc:
-            log.warning("TLS to %s failed: %s", peer.address, exc)
-            self._upstream_error(ex, 502, "tls_error")
-            return
-        except OSError as exc:
-            log.info("connecting to %s failed: %s", peer.address, exc)
-            self._upstream_error(ex, 502, "connect_error")
+        except (asyncio.TimeoutError, OSError) as exc:
+            self._upstream_error(ex, *connect_failure(exc, peer))
             return
         if self.closed or self.active is not ex:
             up.close()

@@ -7,6 +7,8 @@ failure to the client connection that currently owns it (`owner`), which decides
 from __future__ import annotations
 
 import asyncio
+import logging
+import ssl
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -255,3 +257,19 @@ class UpstreamConnection(asyncio.Protocol):
             self.peer.connections -= 1
         if self.transport is not None:
             self.transport.abort()
+
+
+log = logging.getLogger("bastion.upstream")
+
+
+def connect_failure(exc: BaseException, peer) -> tuple[int, str]:
+    """The status and the reason for a connection to a backend that could not be made (HTTP/1.1 and h2)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return 504, "connect_timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return 502, "connect_refused"
+    if isinstance(exc, ssl.SSLError):
+        log.warning("TLS to %s failed: %s", peer.address, exc)
+        return 502, "tls_error"
+    log.info("connecting to %s failed: %s", peer.address, exc)
+    return 502, "connect_error"

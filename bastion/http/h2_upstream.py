@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from time import monotonic
 
 import h2.config
@@ -26,7 +25,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
-from bastion.http.h1_upstream import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE
+from bastion.http.h1_upstream import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE, connect_failure
 from bastion.http.headers import HOP_BY_HOP
 from bastion.proxy import engine
 
@@ -132,19 +131,8 @@ async def _connect(client, ex, peer) -> None:
     route = ex.route
     try:
         conn = acquire(peer) or await connect(peer, client.loop, route.connect_timeout)
-    except asyncio.TimeoutError:
-        client._upstream_error(ex, 504, "connect_timeout")
-        return
-    except ConnectionRefusedError:
-        client._upstream_error(ex, 502, "connect_refused")
-        return
-    except ssl.SSLError as exc:
-        log.warning("TLS to %s failed: %s", peer.address, exc)
-        client._upstream_error(ex, 502, "tls_error")
-        return
-    except OSError as exc:
-        log.info("connecting to %s failed: %s", peer.address, exc)
-        client._upstream_error(ex, 502, "connect_error")
+    except (asyncio.TimeoutError, OSError) as exc:
+        client._upstream_error(ex, *connect_failure(exc, peer))
         return
     finally:
         route.upstream.pending -= 1
