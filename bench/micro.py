@@ -1,10 +1,12 @@
 """In-process micro-benchmark of the HTTP/1.1 hot path: a client connection and a pooled backend
 connection driven with fake transports, so only Bastion's own Python work is measured (no sockets,
-no kernel). Usage: python bench/micro.py [N] [--profile] [--defaults] [--log] [--cache]
+no kernel). Usage: python bench/micro.py [N] [--profile] [--defaults] [--log] [--cache] [--h2]
 
 By default the route is configured as `make bench` runs it (examples/bench.yaml: no forwarding headers, no
 access log); --defaults measures Bastion's default forwarding headers and request id instead; --cache
-measures cache hits (examples/bench-cache.yaml: the response is stored once, then every request is a hit)."""
+measures cache hits (examples/bench-cache.yaml: the response is stored once, then every request is a hit);
+--h2 measures HTTP/2 (h2c): a client connection gets h2load's pattern, 10 streams per read, each proxied over
+its own pooled backend connection; the time counted is the server side's only."""
 
 from __future__ import annotations
 
@@ -110,6 +112,9 @@ def main() -> None:
         def one():  # noqa: F811 - every request after the first is a hit
             client.data_received(REQUEST)
 
+    if "--h2" in sys.argv:
+        one = h2_driver(runtime, worker, peer)
+
     for _ in range(1000):
         one()
     if "--profile" in sys.argv:
@@ -119,11 +124,67 @@ def main() -> None:
         cProfile.runctx("for _ in range(n): one()", globals(), {"n": n, "one": one}, "/tmp/micro.prof")
         pstats.Stats("/tmp/micro.prof").sort_stats("tottime").print_stats(25)
         return
+    if "--h2" in sys.argv:
+        one.spent[0] = 0.0
+        one.transport.written = 0
     start = time.perf_counter()
     for _ in range(n):
         one()
     elapsed = time.perf_counter() - start
+    if "--h2" in sys.argv:
+        elapsed = one.spent[0]
+        n *= 10
+        if one.transport.written < n * 1024:
+            raise SystemExit(f"HTTP/2: only {one.transport.written} bytes answered for {n} requests")
     print(f"{n} requests: {elapsed / n * 1e6:.2f} us of Python per proxied request (no I/O)")
+
+
+def h2_driver(runtime, worker, peer, streams_per_read: int = 10):
+    """h2load -m 10: each read from the client opens 10 streams (HPACK with the dynamic table, as h2load
+    encodes), then every backend answers once."""
+    from hpack import Encoder
+    from hyperframe.frame import SettingsFrame, WindowUpdateFrame
+
+    from bastion.http.h2_server import H2ServerConnection
+
+    server = H2ServerConnection(worker, runtime, None, "127.0.0.1")
+    transport = FakeTransport()
+    server.connection_made(transport)
+    big = 2**31 - 1
+    settings = SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: big})
+    server.data_received(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings.serialize()
+                         + WindowUpdateFrame(0, window_increment=big - 65535).serialize())
+    backends = []
+    for _ in range(streams_per_read):
+        up = UpstreamConnection(peer)
+        up.connection_made(FakeTransport(("127.0.0.1", 9001)))
+        peer.release(up, time.monotonic())
+        backends.append(up)
+    encoder = Encoder()
+    fields = [(b":method", b"GET"), (b":path", b"/index.html"), (b":scheme", b"http"),
+              (b":authority", b"127.0.0.1:8080"), (b"user-agent", b"h2load nghttp2/1.52.0")]
+    blocks = [encoder.encode(fields), encoder.encode(fields)]  # then indexed from the dynamic table
+    next_id = [1]
+    spent = [0.0]
+
+    def one():
+        frames = []
+        for _ in range(streams_per_read):
+            block = blocks[0 if next_id[0] == 1 else 1]
+            # HEADERS with END_STREAM | END_HEADERS
+            frames.append(len(block).to_bytes(3, "big") + b"\x01\x05" + next_id[0].to_bytes(4, "big") + block)
+            next_id[0] += 2
+        data = b"".join(frames)
+        started = time.perf_counter()
+        server.data_received(data)
+        for up in backends:
+            up.data_received(RESPONSE)
+        spent[0] += time.perf_counter() - started
+        worker.loop.run_until_complete(asyncio.sleep(0))  # the coalesced write of the answers
+
+    one.spent = spent
+    one.transport = transport
+    return one
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import h2.events
 import pytest
 import trustme
 from hpack import Decoder, Encoder
-from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 
 from tests.support.ports import free_port
 
@@ -311,6 +311,77 @@ def test_streams_are_multiplexed_and_flow_controlled(bastion, backend):
         assert json.loads(client.wait(sid)["body"]) == {"length": 200_000, "sha256": hashlib.sha256(body).hexdigest()}
     finally:
         client.close()
+
+
+def _settled(raw: RawH2) -> RawH2:
+    """Once the server's SETTINGS arrived, the preface has been read: what follows is read as frames
+    alone (the frames of the first read, preface included, are all h2's)."""
+    raw.read_frames(lambda fs: any(isinstance(f, SettingsFrame) for f in fs))
+    return raw
+
+
+def _answers(raw: RawH2, sids) -> dict[int, bytes]:
+    """The body each stream got, once every one of `sids` has ended."""
+    frames, _ = raw.read_frames(lambda fs: {f.stream_id for f in fs if "END_STREAM" in f.flags} >= set(sids))
+    bodies: dict[int, bytes] = {sid: b"" for sid in sids}
+    for f in frames:
+        if isinstance(f, DataFrame):
+            bodies[f.stream_id] += f.data
+    return bodies
+
+
+def test_request_streams_opened_in_one_read_with_every_header_frame_form(bastion, backend):
+    """Bastion opens streams from plain HEADERS frames itself and leaves every other frame to h2: requests
+    with PRIORITY or PADDED flags, in HEADERS + CONTINUATION, or with a body in DATA, sent in one write,
+    are all answered, each on its stream."""
+    b = bastion(plain_config(backend))
+    raw = _settled(RawH2(b.port))
+    plain = raw.headers(1, "/echo/plain")
+    prioritized = raw.headers(3, "/echo/prioritized")
+    prioritized.flags.add("PRIORITY")
+    prioritized.depends_on, prioritized.stream_weight = 1, 15
+    padded = raw.headers(5, "/echo/padded")
+    padded.flags.add("PADDED")
+    padded.pad_length = 7
+    split = raw.headers(7, "/echo/split")
+    split.flags.discard("END_HEADERS")
+    cont = ContinuationFrame(7)
+    cont.data, split.data = split.data[4:], split.data[:4]
+    cont.flags.add("END_HEADERS")
+    with_body = raw.headers(9, "/echo/body", end_stream=False, extra=[("content-length", "5")])
+    data = DataFrame(9)
+    data.data = b"hello"
+    data.flags.add("END_STREAM")
+    after = raw.headers(11, "/echo/after")
+    raw.send(plain, prioritized, padded, split, cont, with_body, data, after)
+    bodies = _answers(raw, [1, 3, 5, 7, 9, 11])
+    for sid, name in [(1, "plain"), (3, "prioritized"), (5, "padded"), (7, "split"), (11, "after")]:
+        assert json.loads(bodies[sid])["path"] == f"/echo/{name}", sid
+    echoed = json.loads(bodies[9])
+    assert echoed["method"] == "GET" and echoed["path"] == "/echo/body"
+
+
+@pytest.mark.parametrize("sids", [(2,), (5, 3)], ids=["even id", "id going down"])
+def test_a_bad_stream_id_is_a_connection_error(bastion, backend, sids):
+    b = bastion(plain_config(backend))
+    raw = _settled(RawH2(b.port))
+    raw.send(*[raw.headers(sid, "/echo/x") for sid in sids])
+    goaway, closed = raw.read_until_goaway()
+    assert goaway is not None and goaway.error_code == 1  # PROTOCOL_ERROR
+    assert closed
+
+
+def test_a_stream_depending_on_itself_is_an_error(bastion, backend):
+    b = bastion(plain_config(backend))
+    raw = _settled(RawH2(b.port))
+    frame = raw.headers(1, "/echo/x")
+    frame.flags.add("PRIORITY")
+    frame.depends_on = 1
+    raw.send(frame)
+    frames, closed = raw.read_frames(lambda fs: any(isinstance(f, (GoAwayFrame, RstStreamFrame)) for f in fs))
+    error = next(f for f in frames if isinstance(f, (GoAwayFrame, RstStreamFrame)))
+    assert error.error_code == 1  # PROTOCOL_ERROR (RFC 9113 5.3.1)
+    assert not any(isinstance(f, DataFrame) for f in frames)
 
 
 def test_request_header_limits_answer_on_the_stream(bastion, backend):
