@@ -116,8 +116,13 @@ class Worker:
             listener = runtime.listeners.get(address)
             context = listener.tls.default if listener is not None and listener.tls is not None else None
             protocol = ProxyProtocolConnection if listener is not None and listener.proxy_protocol else ClientConnection
-            server = await loop.create_server(lambda listener=listener, protocol=protocol: protocol(self, runtime, listener),
-                                              sock=sock, backlog=4096, ssl=context)
+            factory = lambda listener=listener, protocol=protocol: protocol(self, runtime, listener)  # noqa: E731
+            if context is not None and protocol is ClientConnection:
+                from bastion.tls.transport import TLSServer
+
+                server = TLSServer(loop, sock, context, factory, runtime.config.timeouts.client_header)
+            else:
+                server = await loop.create_server(factory, sock=sock, backlog=4096, ssl=context)
             self.servers.append(server)
         if self.admin_socket is not None:
             from bastion.admin.server import AdminConnection
