@@ -21,7 +21,7 @@ import ssl
 
 log = logging.getLogger("bastion.tls")
 
-READ_SIZE = 256 * 1024
+READ_SIZE = 16 * 1024  # one TLS record at most per read; the bytes object is allocated at this size first
 ACCEPTS_PER_WAKEUP = 64
 HIGH_WATER = 64 * 1024
 
