@@ -20,6 +20,7 @@ FRAMING_CLOSE = 2  # body ends when the backend closes
 FRAMING_NONE = 3  # no body (HEAD, 1xx, 204, 304)
 
 MAX_RESPONSE_HEAD = 64 * 1024
+KNOWN_HEADS = 256  # per backend address; a new Date each second makes a new head
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 
 
@@ -47,6 +48,7 @@ class UpstreamConnection(asyncio.Protocol):
         "seen_reads",
         "head_bytes",
         "read_timeout",
+        "between",
     )
 
     def __init__(self, peer):
@@ -72,6 +74,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reads = 0  # counted per read; the worker's sweep restarts the read timeout when it moves
         self.seen_reads = 0
         self.read_timeout = 60.0
+        self.between = True  # no response begun: the next read starts with a response head
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------
     def connection_made(self, transport):
@@ -122,6 +125,21 @@ class UpstreamConnection(asyncio.Protocol):
         # Everything for the client while this read is parsed leaves in one write (see ClientConnection.out).
         owner.out = out = []
         try:
+            if self.between and not self.head_request:
+                # A whole response in one read whose head is byte for byte one this backend sent before
+                # (a backend repeats its heads, apart from Date once a second): what parsing that head
+                # gave is known, so the parser is skipped; it stays between messages for the next read.
+                end = data.find(b"\r\n\r\n") + 4
+                if end > 3:
+                    known = self.peer.known_heads.get(data[:end])
+                    if known is not None and len(data) - end == known[2]:
+                        self._known_response(owner, known, data, end)
+                        return
+                    self.parser.feed_data(data)
+                    if (self.between and self.head_done and len(data) - end == self.content_length
+                            and 200 <= self.status < 300 and data[9:12] == b"%d" % self.status):
+                        self._remember_head(data[:end])  # (the status check: not an interim 1xx head before it)
+                    return
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
             rest = data[upgrade.args[0] :]
@@ -144,8 +162,28 @@ class UpstreamConnection(asyncio.Protocol):
             if out and not owner.closed:
                 owner.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
+    def _known_response(self, owner, known, data: bytes, end: int) -> None:
+        """The callbacks' work for a known head (see data_received), with the same calls to the owner."""
+        self.status, headers, self.content_length, self.keep_alive = known
+        self.chunked = False
+        self.head_done = True
+        self.headers = headers = list(headers)  # filters may change the list they are given
+        owner.upstream_head(self, self.status, headers, FRAMING_LENGTH if self.content_length else FRAMING_NONE)
+        if self.owner is owner:
+            if self.content_length:
+                owner.upstream_body(data[end:])
+            if self.owner is owner:
+                owner.upstream_complete(self, self.keep_alive)
+
+    def _remember_head(self, head: bytes) -> None:
+        known = self.peer.known_heads
+        if len(known) >= KNOWN_HEADS:
+            known.clear()
+        known[head] = (self.status, tuple(self.headers), self.content_length, self.keep_alive)
+
     # -- httptools callbacks ---------------------------------------------------------------------------
     def on_message_begin(self):
+        self.between = False
         self.headers = []
         self.chunked = False
         self.content_length = -1
@@ -212,6 +250,7 @@ class UpstreamConnection(asyncio.Protocol):
             owner.upstream_body(body)
 
     def on_message_complete(self):
+        self.between = True
         owner = self.owner
         if owner is None or not self.head_done or self.status == 101 or self.head_request:
             return

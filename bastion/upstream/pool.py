@@ -32,7 +32,7 @@ class Peer:
         "host", "port", "address", "address_bytes", "weight", "eff_weight", "max_idle", "idle_timeout", "idle",
         "connections", "response_special", "backup", "drain", "index", "active_ok", "ejected_until", "ejections",
         "fails", "fives", "last_failure", "up_since", "ramp_until", "active", "ewma", "ewma_at", "total_ejections",
-        "region", "zone", "window_requests", "window_failures", "tls", "server_name",
+        "region", "zone", "window_requests", "window_failures", "tls", "server_name", "known_heads",
     )
 
     def __init__(self, host: str, port: int, weight: int, max_idle: int, idle_timeout: float,
@@ -50,6 +50,9 @@ class Peer:
         # Response headers that need a look: hop-by-hop ones, Content-Length, and the configured hidden
         # ones (proxy.hide_headers, as nginx's proxy_hide_header), which are never passed on.
         self.response_special = HOP_BY_HOP | {b"content-length"} | hidden_response_headers
+        # Response heads this backend sent before, byte for byte, with what parsing them gave (see
+        # UpstreamConnection.data_received).
+        self.known_heads: dict[bytes, tuple] = {}
         self.backup = backup
         self.drain = drain
         self.index = -1  # slot in the node's shared health table, when actively checked
