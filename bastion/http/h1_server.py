@@ -40,6 +40,8 @@ PAUSE_HOLD = 8  # an async filter is working on the request
 PAUSE_TUNNEL = 16  # the backend side of a tunnel is not taking bytes
 
 # What the connection's deadline means when it passes.
+KNOWN_REQUESTS = 256  # remembered request heads per worker (see ClientConnection._remember_request)
+
 DL_NONE = 0
 DL_IDLE = 1
 DL_HEADER = 2
@@ -101,6 +103,7 @@ class ClientConnection(asyncio.Protocol):
         "resp_started",
         "resp_chunked",
         "requests",
+        "head_read",
         "deadline",
         "deadline_kind",
         "last_active",
@@ -148,6 +151,7 @@ class ClientConnection(asyncio.Protocol):
         self.resp_started = False
         self.resp_chunked = False
         self.requests = 0
+        self.head_read = None
         self.deadline = 0.0
         self.deadline_kind = DL_NONE
         self.last_active = 0.0
@@ -315,6 +319,13 @@ class ClientConnection(asyncio.Protocol):
             self.tunnel_pending.append(data)
             self._pause(PAUSE_TUNNEL)
             return
+        if self.parsing is None and self.active is None:
+            known = self.runtime.known_requests.get(data)
+            if known is not None:
+                self._known_request(known)
+                return
+            if data[-4:] == b"\r\n\r\n" and data.find(b"\r\n\r\n") == len(data) - 4:
+                self.head_read = data  # one whole request head, nothing else: may be remembered
         was_in_head = self.in_head
         try:
             self.parser.feed_data(data)
@@ -337,6 +348,8 @@ class ClientConnection(asyncio.Protocol):
                 self.head_seen += len(data)
                 if self.head_seen > self.limits.header_bytes + self.limits.request_line:
                     self.reject(431, "header_too_large")
+        finally:
+            self.head_read = None
 
     def _h2_prior_knowledge(self, data: bytes) -> bool:
         """llhttp stops at the HTTP/2 preface; on a cleartext listener that allows it, HTTP/2 takes over."""
@@ -483,6 +496,8 @@ class ClientConnection(asyncio.Protocol):
             ex.body_chunks = []
         elif not parser.should_upgrade():
             ex.request_complete = True
+        if self.head_read is not None:
+            self._remember_request(ex)
         if self.active is None:
             self.active = ex
             if ex.body_chunks is not None:
@@ -496,6 +511,46 @@ class ClientConnection(asyncio.Protocol):
             if self.queue is None:
                 self.queue = deque()
             self.queue.append(ex)
+
+    # -- request heads seen before ---------------------------------------------------------------------
+    # Clients repeat their request heads byte for byte (API clients, health checks, load balancers); a read
+    # that is exactly a head seen before takes what parsing and checking it gave (the parser, which never
+    # sees it, stays between messages). Only plain cases are remembered: HTTP/1.1 keep-alive, origin-form
+    # target, one Host, no Connection, Upgrade, Expect or body.
+    def _remember_request(self, ex) -> None:
+        data = self.head_read
+        self.head_read = None
+        if (ex.keep_alive and ex.http_version == "1.1" and self.connection_tokens is None and ex.upgrade is None
+                and not ex.expect_continue and not ex.content_length and not ex.chunked and self.host_count == 1
+                and ex.target[:1] == b"/" and self.active is None):
+            known = self.runtime.known_requests
+            if len(known) >= KNOWN_REQUESTS:
+                known.clear()
+            known[data] = (ex.method, ex.target, ex.path, ex.query, ex.host_header, ex.host, tuple(ex.headers),
+                           tuple(ex.raw_headers), ex.via_proxy, ex.incoming_request_id)
+
+    def _known_request(self, known) -> None:
+        """What on_message_begin, on_headers_complete and on_message_complete do for a remembered head."""
+        now = monotonic()
+        ex = Exchange(self, now)
+        ex.client_ip = self.client_ip
+        ex.scheme = self.scheme
+        (ex.method, ex.target, ex.path, ex.query, ex.host_header, ex.host, headers, raw, ex.via_proxy,
+         ex.incoming_request_id) = known
+        ex.headers = list(headers)  # filters may change them
+        ex.raw_headers = list(raw)
+        ex.request_complete = True
+        self.requests += 1
+        if self.requests >= self.limits.requests_per_connection:
+            self.close_after = True
+        self.active = ex
+        self.deadline = 0.0
+        self.deadline_kind = DL_NONE
+        engine.start(self, ex, self.runtime)
+        if self.active is None and not self.close_after and not self.closed and self.deadline_kind != DL_LINGER:
+            # answered at once (a local answer, a cache hit): the connection is idle now
+            self.deadline = monotonic() + self.timeouts.keepalive
+            self.deadline_kind = DL_IDLE
 
     def _absolute_form(self, ex, target: bytes) -> bytes:
         rest = target.split(b"://", 1)[1]

@@ -86,6 +86,8 @@ class Runtime:
     security: object = None  # bastion.security.setup.SecuritySetup (bans for the admin API)
     connection_guard: object = None  # asked by each accepted connection when connection-level limits are on
     cache: object = None  # bastion.cache.runtime.CacheRuntime when a route caches
+    # Request heads seen before, byte for byte, with what parsing them gave (ClientConnection.data_received)
+    known_requests: dict = field(default_factory=dict)
 
     def tick(self, now: float) -> None:
         if self.health_table is not None:

@@ -10,6 +10,21 @@ CANNED = (b"HTTP/1.1 200 OK\r\nServer: canned/1.0\r\nContent-Type: text/plain\r\
           b"Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\nX-App: 1\r\n\r\nhello")
 
 
+def read_response(s: socket.socket, buffer: bytes) -> tuple[bytes, bytes]:
+    """The head of the next response (its body read past), and what was read beyond it."""
+    while b"\r\n\r\n" not in buffer:
+        chunk = s.recv(65536)
+        assert chunk, "closed before a response head"
+        buffer += chunk
+    head, _, buffer = buffer.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    while len(buffer) < length:
+        chunk = s.recv(65536)
+        assert chunk, "closed in a response body"
+        buffer += chunk
+    return head + b"\r\n\r\n" + buffer[:length], buffer[length:]
+
+
 def responses(port: int, requests: list[bytes]) -> list[tuple[bytes, bytes]]:
     """(head, body) for each request, sent one after the other on one keep-alive connection."""
     out = []
@@ -17,14 +32,9 @@ def responses(port: int, requests: list[bytes]) -> list[tuple[bytes, bytes]]:
         buffer = b""
         for request in requests:
             s.sendall(request)
-            while b"\r\n\r\n" not in buffer:
-                buffer += s.recv(65536)
-            head, _, buffer = buffer.partition(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
-            while len(buffer) < length:
-                buffer += s.recv(65536)
-            out.append((head, buffer[:length]))
-            buffer = buffer[length:]
+            response, buffer = read_response(s, buffer)
+            head, _, body = response.partition(b"\r\n\r\n")
+            out.append((head, body))
     return out
 
 
@@ -66,3 +76,71 @@ def test_a_repeated_head_is_framed_for_an_http10_client_too(bastion):
         assert head.startswith(b"HTTP/1.1 200") and body == b"hello"
     finally:
         canned.close()
+
+
+# -- request heads a client repeats ----------------------------------------------------------------------------
+
+
+def echoed(port: int, requests: list[bytes]) -> list[tuple[bytes, dict | bytes]]:
+    import json
+
+    out = []
+    for head, body in responses(port, requests):
+        out.append((head, json.loads(body) if body.startswith(b"{") else body))
+    return out
+
+
+def test_repeated_request_heads_run_every_filter_every_time(bastion, backend):
+    """A repeated head skips parsing, not the phases: the rewrite, header changes and forwarding headers
+    apply to each request as to the first (so nothing is rewritten twice), hop-by-hop fields are dropped
+    each time, and the backend sees every request."""
+    b = bastion({"routes": [{"match": {"path": {"prefix": "/api/"}}, "rewrite": {"strip_prefix": "/api"},
+                             "request_headers": {"add": {"X-Added": "1"}, "remove": ["X-Secret"]},
+                             "upstream": {"servers": [backend.address]}}]})
+    request = (b"GET /api/echo/item?q=1 HTTP/1.1\r\nHost: app.example\r\nX-Secret: s\r\nKeep-Alive: 5\r\n"
+               b"X-Keep: k\r\n\r\n")
+    got = echoed(b.port, [request] * 5)
+    for head, seen in got:
+        assert head.startswith(b"HTTP/1.1 200")
+        assert seen["path"] == "/echo/item?q=1"
+        names = [n.lower() for n, _ in seen["headers"]]
+        values = {n.lower(): v for n, v in seen["headers"]}
+        assert names.count("x-added") == 1 and names.count("x-forwarded-for") == 1
+        assert "x-secret" not in names and "keep-alive" not in names
+        assert values["x-keep"] == "k" and values["host"] == "app.example"
+        assert values["x-forwarded-host"] == "app.example"
+    ids = {value for _, seen in got for name, value in seen["headers"] if name.lower() == "x-request-id"}
+    assert len(ids) == 5  # a request id of its own for each
+
+
+def test_repeated_request_heads_are_counted_by_rate_limits(bastion, backend):
+    b = bastion({"routes": [{"security": {"rate_limits": [{"key": "client_ip", "rate": 1, "burst": 2}]},
+                             "upstream": {"servers": [backend.address]}}]})
+    got = responses(b.port, [b"GET /echo/x HTTP/1.1\r\nHost: x\r\n\r\n"] * 8)
+    statuses = [int(head.split(b" ")[1]) for head, _ in got]
+    assert statuses[:3] == [200, 200, 200] and statuses.count(429) >= 4
+
+
+def test_repeated_request_heads_honour_requests_per_connection(bastion, backend):
+    b = bastion({"limits": {"requests_per_connection": 3}, "routes": [{"upstream": {"servers": [backend.address]}}]})
+    with socket.create_connection(("127.0.0.1", b.port), timeout=10) as s:
+        heads, buffer = [], b""
+        for _ in range(3):
+            s.sendall(b"GET /echo/x HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, buffer = read_response(s, buffer)
+            heads.append(head.lower())
+        s.settimeout(5)
+        assert buffer == b"" and s.recv(65536) == b""  # closed after the third
+    assert b"connection: close" in heads[2] and b"connection: close" not in heads[0] + heads[1]
+
+
+def test_a_rejected_request_is_not_remembered(bastion, backend):
+    """Two Host fields: 400 every time (the check is not skipped on a repeat)."""
+    b = bastion({"routes": [{"upstream": {"servers": [backend.address]}}]})
+    bad = b"GET /echo/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", b.port), timeout=10) as s:
+            s.sendall(bad)
+            assert s.recv(65536).startswith(b"HTTP/1.1 400")
+    good = b"GET /echo/x HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert all(head.startswith(b"HTTP/1.1 200") for head, _ in responses(b.port, [good] * 3))

@@ -223,7 +223,11 @@ def test_connections_per_ip_and_in_total(bastion, backend):
                 workers=2)
     held = [socket.create_connection(("127.0.0.1", b.port), timeout=5) for _ in range(4)]
     try:
-        time.sleep(0.3)
+        for s in held:
+            # answered, so surely accepted and counted by whichever worker took it (a fixed pause was not
+            # enough on a loaded machine); the connections stay open (keep-alive)
+            s.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
         answer = raw(b.port, b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 503") or answer == b"", answer
         metrics = get(b.admin_url + "/metrics")[2].decode()
