@@ -201,7 +201,9 @@ class DiskStore:
             self._failed("unlock", exc)
 
     def is_locked(self, key: bytes) -> bool:
-        """Whether some process is fetching `key` (a probe: take the lock and give it back at once)."""
+        """Whether some process is fetching `key` (a probe: take the lock and give it back at once; a
+        worker that asks for the lock in that instant waits for a fetch that is not happening, finds the
+        lock free at its next poll, a few milliseconds later, and fetches itself)."""
         offset = lock_offset(key)
         if offset in self.held:
             return True
