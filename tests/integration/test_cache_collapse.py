@@ -16,6 +16,7 @@ import redis
 from tests.integration import test_cache
 from tests.integration.test_cache import config, hits, q, url, wait_until
 from tests.integration.test_cache_disk import disk_config
+from tests.support.ports import free_port
 
 HOST = "shared.example"
 
@@ -146,11 +147,13 @@ def test_disk_store_waiters_go_upstream_when_the_holder_is_slower_than_collapse_
 
 
 def test_disk_store_uncacheable_answer_releases_the_other_workers(bastion, backend, tmp_path):
-    b = bastion(disk_config(backend, tmp_path / "cache"), workers=2)
+    # (With the lock kept, the other worker's requests would wait the 30 s and time out here.)
+    b = bastion(disk_config(backend, tmp_path / "cache", collapse_timeout="30s"), workers=2)
     all_workers_serving(b)
     path = url(q(cc="private", delay="0.5"))
     results = concurrent([b] * 8, path)
     assert all(r is not None and r[0] == 200 for r in results)
+    assert len({worker_of(r) for r in results}) == 2
     assert hits(backend, path) == 8  # as within a worker: released waiters fetch for themselves
 
 
@@ -248,8 +251,11 @@ def test_the_lock_is_released_when_the_fetch_ends(bastion, backend, redis_server
         status, _, _ = request(a, url(q(cc=cc)), {"Host": HOST})
         assert status == 200
         assert wait_until(lambda: locks(redis_server, prefix) == [], timeout=5, interval=0.05)
-    set_fail_path = url(q(cc="max-age=600", status="503"))  # an error answer
-    assert request(a, set_fail_path, {"Host": HOST})[0] == 503
+    # No backend answers: Bastion's own 502.
+    dead = bastion({"cache": {"redis": {"url": redis_server.url, "prefix": prefix}},
+                    "routes": [{"name": "app", "upstream": {"servers": [f"127.0.0.1:{free_port()}"]},
+                                "cache": {"store": "redis", "collapse_timeout": "30s"}}]})
+    assert request(dead, url(q(cc="max-age=600")), {"Host": HOST})[0] == 502
     assert wait_until(lambda: locks(redis_server, prefix) == [], timeout=5, interval=0.05)
     # The client goes away (a reset: a plain close may be a half-close, which still gets its answer)
     # while the backend is still answering (for 10 s).
