@@ -225,14 +225,31 @@ class HttpCache:
                         return self._hit_response(ex, entry, now)
             elif self.remote is not None:
                 return self._remote_lookup(ex, key, client, now, varied)
+        elif now >= entry.fresh_until and not entry.needs_check:
+            # Stale in this worker's memory: another worker or node may have stored a newer copy since
+            # (without this, each worker would revalidate or refresh its own copy).
+            if self.disk is not None:
+                newer = self.disk.get(key, lambda names: _variant(names, ex.headers), MEMORY_OBJECT_MAX)
+                if newer is not None and newer.response_time > entry.response_time:
+                    if newer.body is not None:
+                        self.store.put(newer)
+                    entry = newer
+                    if client is None and now < entry.fresh_until:
+                        self.counts["hit"] += 1
+                        return self._hit_response(ex, entry, now)
+            elif self.remote is not None:
+                return self._remote_lookup(ex, key, client, now, False, entry)
         return self._lookup(ex, key, entry, client, now, varied)
 
-    async def _remote_lookup(self, ex, key: bytes, client, now: float, varied: bool):
-        """Not in this worker's memory: ask the shared store, keep what it has here too."""
+    async def _remote_lookup(self, ex, key: bytes, client, now: float, varied: bool, stale: Entry | None = None):
+        """Not in this worker's memory (or only `stale` there): ask the shared store, keep what it has here
+        too."""
         remote = self.remote
         remote.subscribe(self.shared.apply_remote)
         entry, in_redis = await remote.lookup(key, lambda names: _variant(names, ex.headers))
-        if entry is not None:
+        if stale is not None and (entry is None or entry.response_time <= stale.response_time):
+            entry = stale
+        elif entry is not None:
             self.store.put(entry)
             now = time()
         result = self._lookup(ex, key, entry, client, now, varied or in_redis)
@@ -836,7 +853,13 @@ class HttpCache:
     async def _refresh(self, ex, key: bytes, entry: Entry) -> None:
         from bastion.cache.fetch import fetch
 
+        lock = None
+        put_task = None
         try:
+            if self.collapse_shared:
+                lock = await self._refresh_lock(key)
+                if lock is None:
+                    return  # another worker or node is fetching the key: its result will do
             group = ex.route.upstream
             peer = group.select(ex)
             if peer is None:
@@ -874,11 +897,24 @@ class HttpCache:
                 self._remove(entry)
                 return
             fresh.body = result.body
-            self._put(fresh)
+            put_task = self._put(fresh)
         except Exception:  # noqa: BLE001 - a failed refresh leaves the stale entry; it is logged
             log.exception("background refresh of %r failed", key)
         finally:
             entry.refreshing = False
+            if lock is True:
+                self.disk.unlock(key)
+            elif lock:
+                await self.remote.unlock(key, lock, put_task)
+
+    async def _refresh_lock(self, key: bytes):
+        """The key's lock for a background refresh: True (disk store) or a token (Redis); "" to refresh
+        without one (the lock file failed); None when another worker or node holds it."""
+        if self.disk is not None:
+            got = self.disk.try_lock(key)
+            return None if got is False else True if got else ""
+        token = os.urandom(12).hex()
+        return token if await self.remote.lock(key, token, self.collapse_timeout) else None
 
     # -- log phase --------------------------------------------------------------------------------------------
     def logging(self, ex) -> None:

@@ -157,6 +157,38 @@ def test_disk_store_uncacheable_answer_releases_the_other_workers(bastion, backe
     assert hits(backend, path) == 8  # as within a worker: released waiters fetch for themselves
 
 
+def test_stale_copies_are_refreshed_once_for_the_node(bastion, backend, tmp_path):
+    b = bastion(disk_config(backend, tmp_path / "cache"), workers=2)
+    all_workers_serving(b)
+    path = url(q(cc="max-age=2, stale-while-revalidate=60", etag='"s"', delay="0.3"))
+    request(b, path)
+    warm = set()
+
+    def in_both_memories():  # each worker reads the file once into its memory level
+        r = request(b, path)
+        if "hit" in r[1]["cache-status"]:
+            warm.add(worker_of(r))
+        return len(warm) == 2
+
+    assert wait_until(in_both_memories, timeout=20, interval=0.01)
+    assert hits(backend, path) == 1
+    time.sleep(2.5)  # both memory copies are stale now
+    results = concurrent([b] * 12, path)
+    assert all(r is not None and r[0] == 200 for r in results)
+    assert len({worker_of(r) for r in results}) == 2
+    assert wait_until(lambda: hits(backend, path) >= 2, timeout=10)
+    fresh = set()
+
+    def fresh_in_both():  # a worker whose copy is stale finds the refreshed one on disk
+        r = request(b, path)
+        if "stale" not in r[1]["cache-status"]:
+            fresh.add(worker_of(r))
+        return len(fresh) == 2
+
+    assert wait_until(fresh_in_both, timeout=10, interval=0.01)
+    assert hits(backend, path) == 2  # one background refresh for the node, not one per worker
+
+
 def test_a_dead_worker_does_not_hold_the_key(bastion, backend, tmp_path):
     # The lock is a record lock: the kernel drops it with the process, long before collapse_timeout.
     b = bastion(disk_config(backend, tmp_path / "cache", collapse_timeout="30s"), workers=2)
@@ -225,6 +257,24 @@ def test_redis_store_waiters_go_upstream_when_the_holder_is_slower_than_collapse
     results = concurrent([a, b] * 3, path, {"Host": HOST})
     assert all(r is not None and r[0] == 200 for r in results)
     assert hits(backend, path) == 6
+
+
+def test_stale_copies_are_refreshed_once_for_all_nodes(bastion, backend, redis_server):
+    prefix = f"collapse-{time.monotonic_ns()}:"
+    a = redis_node(bastion, backend, redis_server, prefix)
+    b = redis_node(bastion, backend, redis_server, prefix)
+    path = url(q(cc="max-age=2, stale-while-revalidate=60", etag='"s"', delay="0.3"))
+    host = {"Host": HOST}
+    request(a, path, host)
+    assert wait_until(lambda: "hit" in request(b, path, host)[1]["cache-status"], timeout=10)
+    assert hits(backend, path) == 1
+    time.sleep(2.5)  # both nodes' memory copies are stale now
+    results = concurrent([a, b] * 6, path, host)
+    assert all(r is not None and r[0] == 200 for r in results)
+    assert wait_until(lambda: hits(backend, path) >= 2, timeout=10)
+    for node in (a, b):
+        assert wait_until(lambda: "stale" not in request(node, path, host)[1]["cache-status"], timeout=10)
+    assert hits(backend, path) == 2  # one background refresh, not one per node
 
 
 def test_a_dead_node_holds_the_key_no_longer_than_collapse_timeout(bastion, backend, redis_server):
