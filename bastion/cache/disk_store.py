@@ -4,11 +4,16 @@ across restarts. Each worker keeps its memory store as a first level in front of
     <dir>/o/<ab>/<sha256(key, variant)>   one response: 4-byte head length, JSON head, then the body
     <dir>/v/<sha256(key)>                 the Vary field names of a URL whose responses vary
     <dir>/tmp/                            objects being written
+    <dir>/collapse.lock                   one byte-range lock per key being fetched (request collapsing)
 
 An object is written once per node: the first worker to create its temporary file (O_EXCL) writes it,
 streaming the body as it arrives from the backend, and renames it into place at the end; a worker that
 finds the temporary file already there leaves the writing to the other. Reads and writes are plain
 blocking file calls (the page cache makes them cheap; hits in the memory level touch no file).
+Request collapsing across the workers: the worker fetching a key holds a POSIX record lock (fcntl) on one
+byte of collapse.lock, at an offset taken from the key's hash; the others see it held and wait. The kernel
+drops a process's record locks when it dies, so a crashed worker never leaves a key locked, and the file
+stays one empty file whatever the number of keys.
 The size bound is kept by a sweep (one worker at a time, under an flock) that removes the objects used
 least recently (by modification time, which a read from disk refreshes) down to 90% of the bound.
 """
@@ -30,6 +35,12 @@ log = logging.getLogger("bastion.cache")
 _LEN = struct.Struct("<I")
 SWEEP_EVERY = 10.0
 STALE_TEMP = 300.0  # a temporary file older than this belongs to a writer that died
+
+
+def lock_offset(key: bytes) -> int:
+    """The byte of collapse.lock that stands for `key`: 62 bits of its hash (a valid file offset; two keys
+    share one only by a 2^-62 chance, and then merely wait for each other)."""
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 2
 
 
 def object_id(key: bytes, variant) -> str:
@@ -94,6 +105,8 @@ class DiskStore:
         self.failures = 0
         self.next_sweep = 0.0
         self.ready = False  # the folders are made at first use (not by `bastion check`)
+        self.lock_fd = -1  # collapse.lock, opened by each worker at its first miss
+        self.held: set[int] = set()  # lock offsets this process holds (record locks are per process)
 
     def _ensure(self) -> None:
         if not self.ready:
@@ -111,8 +124,11 @@ class DiskStore:
 
     # -- lookups ---------------------------------------------------------------------------------------------
     def get(self, key: bytes, variant_of, keep_in_file: int = 1 << 62) -> Entry | None:
+        return self.lookup(key, variant_of, keep_in_file)[0]
+
+    def lookup(self, key: bytes, variant_of, keep_in_file: int = 1 << 62) -> tuple[Entry | None, bool]:
         """The entry, with its body read, or left in the file (`entry.file`) when larger than
-        `keep_in_file` bytes."""
+        `keep_in_file` bytes; and whether the URL's responses vary (so that a miss is a Vary miss)."""
         variant = None
         try:
             with open(os.path.join(self.path, "v", object_id(key, None)), "rb") as f:
@@ -121,7 +137,8 @@ class DiskStore:
             pass
         except (OSError, ValueError) as exc:
             self._failed("lookup", exc)
-            return None
+            return None, False
+        varies = variant is not None
         path = self._object_path(object_id(key, variant))
         try:
             with open(path, "rb") as f:
@@ -132,19 +149,71 @@ class DiskStore:
                 body = b"" if in_file else f.read()
             os.utime(path)  # recently used: the sweep keeps it longer
         except FileNotFoundError:
-            return None
+            return None, varies
         except (OSError, struct.error) as exc:
             self._failed("read", exc)
-            return None
+            return None, varies
         try:
             entry = _loads_blob(head + b"\n" + body)
         except (ValueError, KeyError, TypeError) as exc:
             self._failed("decode", exc)
-            return None
+            return None, varies
         if in_file:
             entry.body = None
             entry.file = (path, 4 + length, body_size)
-        return entry
+        return entry, varies
+
+    # -- collapsing: one fetch per key for the node ---------------------------------------------------------
+    def _lock_call(self, offset: int, mode: int) -> bool:
+        if self.lock_fd < 0:
+            self._ensure()
+            self.lock_fd = os.open(os.path.join(self.path, "collapse.lock"), os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.lockf(self.lock_fd, mode, 1, offset)
+        except (BlockingIOError, PermissionError):
+            return False  # another process holds it
+        return True
+
+    def try_lock(self, key: bytes) -> bool | None:
+        """Become the node's fetcher of `key`: True if this process now holds its lock, False if another
+        process (or another request of this one) does, None if the lock file cannot be used (then there is
+        no collapsing across workers, and the caller fetches)."""
+        offset = lock_offset(key)
+        if offset in self.held:
+            return False
+        try:
+            if not self._lock_call(offset, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                return False
+        except OSError as exc:
+            self._failed("lock", exc)
+            return None
+        self.held.add(offset)
+        return True
+
+    def unlock(self, key: bytes) -> None:
+        offset = lock_offset(key)
+        if offset not in self.held:
+            return
+        self.held.discard(offset)
+        try:
+            self._lock_call(offset, fcntl.LOCK_UN)
+        except OSError as exc:
+            self._failed("unlock", exc)
+
+    def is_locked(self, key: bytes) -> bool:
+        """Whether some process is fetching `key` (a probe: take the lock and give it back at once; a
+        worker that asks for the lock in that instant waits for a fetch that is not happening, finds the
+        lock free at its next poll, a few milliseconds later, and fetches itself)."""
+        offset = lock_offset(key)
+        if offset in self.held:
+            return True
+        try:
+            if not self._lock_call(offset, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                return True
+            self._lock_call(offset, fcntl.LOCK_UN)
+        except OSError as exc:
+            self._failed("lock", exc)
+        return False
 
     # -- storing ---------------------------------------------------------------------------------------------
     def begin(self, entry: Entry) -> DiskWriter | None:

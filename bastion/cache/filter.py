@@ -3,13 +3,14 @@
 request_filter   look the request up: answer a fresh hit right here (a dict lookup and a prebuilt
                  response), serve stale within stale-while-revalidate (refreshing in the background),
                  turn a stale entry into a conditional request, make concurrent misses of one key wait
-                 for the first (collapsing), handle PURGE.
+                 for the first (collapsing: in this worker with a future; across the node's workers
+                 with the disk store's lock file, across nodes with a Redis lock), handle PURGE.
 response_filter  (runs first among the route's response filters, on the backend's own head) a 304 to
                  our revalidation answers with the stored response, refreshed; a 5xx or a failed
                  backend answers with a stale one within stale-if-error / grace; a storable response
                  starts being recorded; a successful unsafe request invalidates.
 response_body_filter  records the body (up to max_object_size) and stores it at the end.
-logging          releases collapsed waiters if the exchange ended without storing.
+logging          releases collapsed waiters (and the key's lock) if the exchange ended without storing.
 
 RFC 9111 decisions come from bastion.cache.policy (pure functions).
 """
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from time import time
+import os
+from time import monotonic, time
 from urllib.parse import parse_qsl, urlencode
 
 from bastion.cache import policy
@@ -54,7 +56,7 @@ SERVED = 5
 
 class _State:
     __slots__ = ("mode", "key", "entry", "request_time", "headers", "client", "chunks", "size", "pending",
-                 "meta", "detail", "collapsed", "writer")
+                 "meta", "detail", "collapsed", "writer", "lock", "put_task", "finished")
 
     def __init__(self, mode: int, key: bytes = b""):
         self.mode = mode
@@ -70,6 +72,9 @@ class _State:
         self.detail = b""
         self.collapsed = False
         self.writer = None  # the disk store's writer, when the body streams to a file
+        self.lock = None  # the key's lock beyond this worker: True (disk store) or our token (Redis)
+        self.put_task = None  # the Redis store of the fetched response, which the lock's release waits for
+        self.finished = False  # the log phase ran: nothing of this exchange may hold a lock any more
 
 
 class Counts:
@@ -124,6 +129,8 @@ class HttpCache:
         self.collapse_timeout = spec.collapse_timeout
         self.purge_from = tuple(spec.purge_from)
         self.inflight: dict[bytes, asyncio.Future] = {}
+        # Collapsing beyond this worker: the store is shared by the node's workers (disk) or by nodes (Redis).
+        self.collapse_shared = spec.collapse and (self.disk is not None or self.remote is not None)
         self.fast: bool | None = None  # no other response filter on the route: hits skip the phase
         self.route = None
 
@@ -204,9 +211,12 @@ class HttpCache:
                 return self._hit_response(ex, entry, now)
         else:
             entry = None
+        varied = False
         if entry is None:
+            varied = slot is not None  # this worker holds other variants of the URL
             if self.disk is not None:
-                entry = self.disk.get(key, lambda names: _variant(names, ex.headers), MEMORY_OBJECT_MAX)
+                entry, on_disk = self.disk.lookup(key, lambda names: _variant(names, ex.headers), MEMORY_OBJECT_MAX)
+                varied = varied or on_disk
                 if entry is not None:
                     if entry.body is not None:
                         self.store.put(entry)  # large bodies stay in their file, read per response
@@ -214,18 +224,35 @@ class HttpCache:
                         self.counts["hit"] += 1
                         return self._hit_response(ex, entry, now)
             elif self.remote is not None:
-                return self._remote_lookup(ex, key, client, now)
-        return self._lookup(ex, key, entry, client, now)
+                return self._remote_lookup(ex, key, client, now, varied)
+        elif now >= entry.fresh_until and not entry.needs_check:
+            # Stale in this worker's memory: another worker or node may have stored a newer copy since
+            # (without this, each worker would revalidate or refresh its own copy).
+            if self.disk is not None:
+                newer = self.disk.get(key, lambda names: _variant(names, ex.headers), MEMORY_OBJECT_MAX)
+                if newer is not None and newer.response_time > entry.response_time:
+                    if newer.body is not None:
+                        self.store.put(newer)
+                    entry = newer
+                    if client is None and now < entry.fresh_until:
+                        self.counts["hit"] += 1
+                        return self._hit_response(ex, entry, now)
+            elif self.remote is not None:
+                return self._remote_lookup(ex, key, client, now, False, entry)
+        return self._lookup(ex, key, entry, client, now, varied)
 
-    async def _remote_lookup(self, ex, key: bytes, client, now: float):
-        """Not in this worker's memory: ask the shared store, keep what it has here too."""
+    async def _remote_lookup(self, ex, key: bytes, client, now: float, varied: bool, stale: Entry | None = None):
+        """Not in this worker's memory (or only `stale` there): ask the shared store, keep what it has here
+        too."""
         remote = self.remote
         remote.subscribe(self.shared.apply_remote)
-        entry = await remote.get(key, lambda names: _variant(names, ex.headers))
-        if entry is not None:
+        entry, in_redis = await remote.lookup(key, lambda names: _variant(names, ex.headers))
+        if stale is not None and (entry is None or entry.response_time <= stale.response_time):
+            entry = stale
+        elif entry is not None:
             self.store.put(entry)
             now = time()
-        result = self._lookup(ex, key, entry, client, now)
+        result = self._lookup(ex, key, entry, client, now, varied or in_redis)
         if result is not None and not isinstance(result, Response):
             result = await result
         return result
@@ -267,7 +294,9 @@ class HttpCache:
         response.wire = None
         return response
 
-    def _lookup(self, ex, key: bytes, entry: Entry | None, client: dict | None, now: float):
+    def _lookup(self, ex, key: bytes, entry: Entry | None, client: dict | None, now: float, varied: bool = False):
+        """`varied`: nothing stored for this request, but responses for other values of the URL's Vary
+        fields are (RFC 9211 fwd=vary-miss rather than uri-miss)."""
         client = client or {}
         request_cc = policy.parse_cache_control([client[b"cache-control"].decode("latin-1")]) \
             if b"cache-control" in client else {}
@@ -276,8 +305,10 @@ class HttpCache:
         if b"if-match" in client or b"if-unmodified-since" in client or "no-store" in request_cc:
             # Preconditions for the origin to judge (they guard writes and their races): not from here.
             return self._bypass(ex, b"fwd=request")
+        miss = b"fwd=vary-miss" if varied else b"fwd=uri-miss"
         if entry is not None and b"authorization" in client and not entry.auth_ok:
             entry = None  # the stored response may not answer an authenticated request (RFC 9111 3.5)
+            miss = b"fwd=miss"
         if entry is not None:
             age = now - entry.response_time + entry.initial_age
             decision = policy.use_decision(lifetime=entry.lifetime, age=age, response_cc=entry.cc,
@@ -302,7 +333,7 @@ class HttpCache:
                                     self.name + b"; hit; ttl=%d; detail=stale-while-revalidate" % int(-stale_by))
         if "only-if-cached" in request_cc:
             self.counts["miss"] += 1
-            return Response(504, "not in cache\n", [(b"Cache-Status", self.name + b"; fwd=miss; detail=only-if-cached")],
+            return Response(504, "not in cache\n", [(b"Cache-Status", self.name + b"; " + miss + b"; detail=only-if-cached")],
                             content_type="text/plain")
         state = _State(MISS, key)
         state.request_time = now
@@ -314,7 +345,7 @@ class HttpCache:
             if waiting is not None and not waiting.done():
                 # Another request is fetching or revalidating this key: wait for its result.
                 state.entry = entry
-                state.detail = b"fwd=miss" if entry is None else b"fwd=stale"
+                state.detail = miss if entry is None else b"fwd=stale"
                 ex.state[STATE] = state
                 return self._wait(ex, key, waiting, client)
         if entry is not None and (entry.etag is not None or entry.last_modified is not None):
@@ -322,25 +353,112 @@ class HttpCache:
             # client's own (the client's conditions are answered from the result).
             state.mode = REVALIDATE
             state.entry = entry
-            headers = [(n, v) for n, v in ex.headers if n.lower() not in _CONDITIONALS]
-            if entry.etag is not None:
-                headers.append((b"If-None-Match", entry.etag.encode("latin-1")))
-            if entry.last_modified is not None:
-                headers.append((b"If-Modified-Since", policy.format_http_date(entry.last_modified).encode()))
-            ex.headers = headers
-            self.counts["revalidation"] += 1
             # RFC 9211: "stale" when the stored response needed validating, "request" when the client asked.
             state.detail = b"fwd=stale" if now >= entry.fresh_until or entry.needs_check else b"fwd=request"
             ex.state[STATE] = state
             if collapsible and not entry.needs_check and not no_cache:
                 state.pending = self.inflight[key] = ex.conn.loop.create_future()
+                if self.collapse_shared:
+                    return self._fetch_once_for_all(ex, state, key, client)
+            self._go_upstream(ex, state)
             return None
         state.entry = entry  # kept for stale-if-error even when it cannot be revalidated
-        state.detail = b"fwd=request" if no_cache else b"fwd=stale" if entry is not None else b"fwd=miss"
+        state.detail = b"fwd=request" if no_cache else b"fwd=stale" if entry is not None else miss
         ex.state[STATE] = state
-        self.counts["miss"] += 1
         if collapsible:
             state.pending = self.inflight[key] = ex.conn.loop.create_future()
+            if self.collapse_shared:
+                return self._fetch_once_for_all(ex, state, key, client)
+        self.counts["miss"] += 1
+        return None
+
+    def _go_upstream(self, ex, state) -> None:
+        """The request goes to the origin: a revalidation carries our validators instead of the client's
+        own (the client's conditions are answered from the result)."""
+        if state.mode != REVALIDATE:
+            self.counts["miss"] += 1
+            return
+        entry = state.entry
+        headers = [(n, v) for n, v in ex.headers if n.lower() not in _CONDITIONALS]
+        if entry.etag is not None:
+            headers.append((b"If-None-Match", entry.etag.encode("latin-1")))
+        if entry.last_modified is not None:
+            headers.append((b"If-Modified-Since", policy.format_http_date(entry.last_modified).encode()))
+        ex.headers = headers
+        self.counts["revalidation"] += 1
+
+    # -- collapsing beyond this worker ------------------------------------------------------------------------
+    def _fetch_once_for_all(self, ex, state, key: bytes, client: dict):
+        """This request is its worker's first for `key` (its future holds the worker's other requests for
+        it). With a store shared beyond the worker, it fetches only if it gets the key's lock (the disk
+        store's lock file for the node's workers, a Redis key for the nodes); otherwise it waits for the
+        holder's result like the others wait for it."""
+        if self.disk is not None:
+            got = self.disk.try_lock(key)
+            if got is False:
+                return self._wait_elsewhere(ex, state, key, client)
+            if got:
+                state.lock = True
+            self._go_upstream(ex, state)
+            return None
+        return self._claim_remote(ex, state, key, client)
+
+    async def _claim_remote(self, ex, state, key: bytes, client: dict):
+        token = os.urandom(12).hex()
+        got = await self.remote.lock(key, token, self.collapse_timeout)
+        if state.finished:
+            # The client went away while we asked: the log phase released the worker's waiters already.
+            if got:
+                ex.conn.loop.create_task(self.remote.unlock(key, token))
+            return None
+        if got:
+            state.lock = token
+            self._go_upstream(ex, state)
+            return None
+        return await self._wait_elsewhere(ex, state, key, client)
+
+    async def _wait_elsewhere(self, ex, state, key: bytes, client: dict):
+        """Another worker (disk store) or node (Redis) is fetching `key`: poll, with a growing pause, until
+        its lock is gone (or collapse_timeout passed: it may be stuck), then answer from what it stored,
+        or go to the origin as usual when it stored nothing usable (as the worker's own waiters do)."""
+        self.counts["collapsed"] += 1
+        state.collapsed = True
+        deadline = monotonic() + self.collapse_timeout
+        pause = 0.005
+        variant_of = lambda names: _variant(names, ex.headers)  # noqa: E731
+        entry = None
+        try:
+            while True:
+                left = deadline - monotonic()
+                if left <= 0:
+                    break
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, 0.05)
+                if state.finished:
+                    break  # the client is gone
+                if self.disk is not None:
+                    if not self.disk.is_locked(key):
+                        break
+                elif not await self.remote.is_locked(key):
+                    break
+            if not state.finished:
+                if self.disk is not None:
+                    entry = self.disk.get(key, variant_of, MEMORY_OBJECT_MAX)
+                else:
+                    entry = await self.remote.get(key, variant_of)
+                if entry is not None and entry.body is not None:
+                    self.store.put(entry)  # where the worker's own waiters look when released
+        finally:
+            self._release(state)
+        if state.finished:
+            return None
+        now = time()
+        if entry is not None and now < entry.fresh_until and not entry.needs_check and (
+                b"authorization" not in client or entry.auth_ok):
+            self.counts["hit"] += 1
+            return self._answer(ex, entry, now, client, self.name + b"; hit; ttl=%d; collapsed"
+                                % int(entry.fresh_until - now))
+        self._go_upstream(ex, state)
         return None
 
     async def _wait(self, ex, key: bytes, future, client: dict):
@@ -358,6 +476,11 @@ class HttpCache:
         entry = None
         if slot is not None:
             entry = slot if type(slot) is Entry else slot.variants.get(_variant(slot.names, ex.headers))
+        if entry is None and self.disk is not None:
+            # Bodies over MEMORY_OBJECT_MAX stay in their file only (so do other workers' responses).
+            entry = self.disk.get(key, lambda names: _variant(names, ex.headers), MEMORY_OBJECT_MAX)
+            if entry is not None and entry.body is not None:
+                self.store.put(entry)
         now = time()
         if entry is not None and now < entry.fresh_until and not entry.needs_check and (
                 b"authorization" not in client or entry.auth_ok):
@@ -464,8 +587,9 @@ class HttpCache:
                 headers.append((b"Cache-Status", self.name + b"; " + state.detail + b"; fwd-status=%d" % status))
                 return None
         if mode == REVALIDATE and status == 304:
-            self._release(state)
-            return self._revalidated(ex, state, entry, headers, now)
+            response = self._revalidated(ex, state, entry, headers, now)
+            self._release(state)  # after the refreshed entry is where waiters in other workers look
+            return response
         meta = self._storable(ex, state, status, headers, now)
         if meta is None:
             if (entry is not None and not entry.dead and ex.method == b"GET" and status < 500
@@ -580,26 +704,29 @@ class HttpCache:
                     self._release(state)
                     return data
             entry.body = b"".join(chunks)
-            self._put(entry, to_disk=False)
+            state.put_task = self._put(entry, to_disk=False)
             self._release(state)
         return data
 
-    def _put(self, entry: Entry, to_disk: bool = True) -> None:
+    def _put(self, entry: Entry, to_disk: bool = True):
+        """Store `entry`; the task storing it in Redis, if any."""
         entry.head_bytes = b"".join(n + b": " + v + b"\r\n" for n, v in entry.headers)
         entry.size = len(entry.body) + len(entry.head_bytes) + len(entry.key) + 400
         before = self.store.evictions
         stored = self.store.put(entry)
         self.counts["eviction"] += self.store.evictions - before
+        task = None
         if self.remote is not None:
-            asyncio.get_event_loop().create_task(self.remote.put(entry))
+            task = asyncio.get_event_loop().create_task(self.remote.put(entry))
             stored = True
         if self.disk is not None:
             if not to_disk:
-                return  # written while it streamed, and counted then
+                return None  # written while it streamed, and counted then
             self.disk.rewrite(entry)
             stored = True
         if stored:
             self.counts["stored"] += 1
+        return task
 
     def _remove(self, entry: Entry) -> None:
         self.store.remove(entry)
@@ -616,6 +743,13 @@ class HttpCache:
                 del self.inflight[state.key]
             if not future.done():
                 future.set_result(None)
+        lock = state.lock
+        if lock is not None:
+            state.lock = None
+            if lock is True:
+                self.disk.unlock(state.key)
+            else:
+                asyncio.get_event_loop().create_task(self.remote.unlock(state.key, lock, state.put_task))
 
     def _revalidated(self, ex, state, entry: Entry, headers: list, now: float) -> Response:
         """The origin said 304 to our conditional request: refresh the stored headers and freshness (RFC
@@ -624,6 +758,8 @@ class HttpCache:
         self._freshen(entry, headers, state.request_time, now)
         if self.disk is not None:
             self.disk.rewrite(entry)
+        if self.remote is not None:
+            state.put_task = asyncio.get_event_loop().create_task(self.remote.put(entry))
         response = self._answer(ex, entry, now, state.client or {},
                                 self.name + b"; " + state.detail + b"; fwd-status=304")
         # A cookie set by this 304 is for this client only: returned, never stored.
@@ -717,7 +853,13 @@ class HttpCache:
     async def _refresh(self, ex, key: bytes, entry: Entry) -> None:
         from bastion.cache.fetch import fetch
 
+        lock = None
+        put_task = None
         try:
+            if self.collapse_shared:
+                lock = await self._refresh_lock(key)
+                if lock is None:
+                    return  # another worker or node is fetching the key: its result will do
             group = ex.route.upstream
             peer = group.select(ex)
             if peer is None:
@@ -739,6 +881,8 @@ class HttpCache:
                 self._freshen(entry, result.headers, request_time, now)
                 if self.disk is not None:
                     self.disk.rewrite(entry)
+                if self.remote is not None:
+                    await self.remote.put(entry)  # the other nodes' copies are as stale as ours was
                 return
             if result.status >= 500:
                 return
@@ -753,19 +897,34 @@ class HttpCache:
                 self._remove(entry)
                 return
             fresh.body = result.body
-            self._put(fresh)
+            put_task = self._put(fresh)
         except Exception:  # noqa: BLE001 - a failed refresh leaves the stale entry; it is logged
             log.exception("background refresh of %r failed", key)
         finally:
             entry.refreshing = False
+            if lock is True:
+                self.disk.unlock(key)
+            elif lock:
+                await self.remote.unlock(key, lock, put_task)
+
+    async def _refresh_lock(self, key: bytes):
+        """The key's lock for a background refresh: True (disk store) or a token (Redis); "" to refresh
+        without one (the lock file failed); None when another worker or node holds it."""
+        if self.disk is not None:
+            got = self.disk.try_lock(key)
+            return None if got is False else True if got else ""
+        token = os.urandom(12).hex()
+        return token if await self.remote.lock(key, token, self.collapse_timeout) else None
 
     # -- log phase --------------------------------------------------------------------------------------------
     def logging(self, ex) -> None:
         st = ex._state
         if st is not None:
             state = st.get(STATE)
-            if state is not None and state.pending is not None:
-                self._release(state)
+            if state is not None:
+                state.finished = True
+                if state.pending is not None or state.lock is not None:
+                    self._release(state)
 
 
 class _Fetched:

@@ -7,6 +7,8 @@ Redis, and what is stored goes to both. Layout, under the configured prefix P:
                                  be used (freshness + the longest stale window + a day for revalidation)
     P v:<sha256(key)>            the Vary field names of a URL whose responses vary (JSON list)
     P u:<url>, P t:<tag>         sets of entry keys, for purge by URL, prefix and tag
+    P l:<sha256(key)>            held (SET NX PX collapse_timeout) by the node fetching the key: request
+                                 collapsing across nodes; the value is the holder's random token
     channel P purge              purges, so that every worker of every node drops its first-level copies
 
 Redis being slow or down never fails a request: lookups time out to a miss and stores are dropped.
@@ -24,6 +26,8 @@ from bastion.cache.memory import Entry
 log = logging.getLogger("bastion.cache")
 
 KEEP_FOR_REVALIDATION = 86400
+# Delete the collapsing lock only if it still holds our token (compare and delete, atomically).
+_UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 def entry_id(key: bytes, variant) -> str:
@@ -102,8 +106,13 @@ class RedisStore:
 
     # -- lookups ---------------------------------------------------------------------------------------------
     async def get(self, key: bytes, variant_of) -> Entry | None:
-        """The entry for `key`; `variant_of(names)` gives the request's variant when the URL varies."""
+        return (await self.lookup(key, variant_of))[0]
+
+    async def lookup(self, key: bytes, variant_of) -> tuple[Entry | None, bool]:
+        """The entry for `key`; `variant_of(names)` gives the request's variant when the URL varies; and
+        whether the URL's responses vary (so that a miss is a Vary miss)."""
         r = self._redis()
+        names_blob = None
         try:
             names_blob, blob = await asyncio.wait_for(
                 r.mget(self.prefix + "v:" + entry_id(key, None), self.prefix + "e:" + entry_id(key, None)),
@@ -114,14 +123,52 @@ class RedisStore:
                                               self.timeout)
         except Exception as exc:  # noqa: BLE001 - Redis trouble is a miss, never an error for the client
             self._failed("lookup", exc)
-            return None
+            return None, False
+        varies = names_blob is not None
         if blob is None:
-            return None
+            return None, varies
         try:
-            return loads(blob)
+            return loads(blob), varies
         except (ValueError, KeyError, TypeError) as exc:
             self._failed("decode", exc)
-            return None
+            return None, varies
+
+    # -- collapsing: one fetch per key for all the nodes -----------------------------------------------------
+    async def lock(self, key: bytes, token: str, ttl: float) -> bool:
+        """Become the fetcher of `key` for every node (a lock that expires after `ttl` seconds, so that a
+        node that died holding it blocks nobody for longer). True when this caller is to fetch: it holds
+        the lock, or Redis did not answer (then there is no collapsing across nodes)."""
+        try:
+            got = await asyncio.wait_for(
+                self._redis().set(self.prefix + "l:" + entry_id(key, None), token, nx=True,
+                                  px=max(1, int(ttl * 1000))), self.timeout)
+        except Exception as exc:  # noqa: BLE001
+            self._failed("lock", exc)
+            return True
+        return bool(got)
+
+    async def unlock(self, key: bytes, token: str, after: asyncio.Future | None = None) -> None:
+        """Give the lock back (only if it is still ours: it may have expired and been taken by another),
+        after `after` (the store of the fetched response) is done, so that whoever sees the lock gone
+        finds the response."""
+        if after is not None:
+            try:
+                await after
+            except Exception:  # noqa: BLE001 - put() logs its own failures
+                pass
+        try:
+            await asyncio.wait_for(self._redis().eval(_UNLOCK, 1, self.prefix + "l:" + entry_id(key, None), token),
+                                   self.timeout)
+        except Exception as exc:  # noqa: BLE001 - the lock then expires by itself
+            self._failed("unlock", exc)
+
+    async def is_locked(self, key: bytes) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self._redis().exists(self.prefix + "l:" + entry_id(key, None)),
+                                               self.timeout))
+        except Exception as exc:  # noqa: BLE001 - Redis trouble: stop waiting
+            self._failed("lock", exc)
+            return False
 
     # -- storing ---------------------------------------------------------------------------------------------
     async def put(self, entry: Entry) -> None:

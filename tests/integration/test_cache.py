@@ -74,7 +74,7 @@ def cached(bastion, backend):
 def test_fresh_response_is_served_from_the_cache(cached, backend):
     path = url(q(cc="max-age=60"))
     status, h1, body1 = request(cached, path)
-    assert status == 200 and "fwd=miss" in h1["cache-status"] and "stored" in h1["cache-status"]
+    assert status == 200 and "fwd=uri-miss" in h1["cache-status"] and "stored" in h1["cache-status"]
     status, h2, body2 = request(cached, path)
     assert status == 200 and body2 == body1
     assert h2["cache-status"].startswith("Bastion; hit; ttl=")
@@ -315,7 +315,7 @@ def test_a_method_of_unknown_safety_invalidates(cached, backend):
     request(cached, path)
     request(cached, path, method="M-SEARCH")
     _, h, _ = request(cached, path)
-    assert "fwd=miss" in h["cache-status"]
+    assert "fwd=uri-miss" in h["cache-status"]
 
 
 def test_failed_unsafe_request_does_not_invalidate(cached, backend):

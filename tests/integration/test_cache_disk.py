@@ -85,6 +85,6 @@ def test_purge_removes_the_file(bastion, backend, tmp_path):
     assert objects(folder) == []
     for _ in range(6):
         _, h, _ = request(b, path, {"Connection": "close"})
-        if "fwd=miss" in h["cache-status"]:
+        if "fwd=uri-miss" in h["cache-status"]:
             break
     assert hits(backend, path) == 2

@@ -68,10 +68,10 @@ def test_purge_on_one_node_reaches_the_others(bastion, backend, redis_server):
         assert wait_until(lambda: "hit" in request(b, path)[1]["cache-status"], timeout=5)  # b holds it too now
     answer = admin_purge(a, tag="group-1")
     assert answer["purged_in_redis"] == 1
-    assert wait_until(lambda: "fwd=miss" in request(b, tagged)[1]["cache-status"], timeout=5)
+    assert wait_until(lambda: "fwd=uri-miss" in request(b, tagged)[1]["cache-status"], timeout=5)
     status, _, body = request(b, plain, method="PURGE")
     assert status == 200 and json.loads(body)["purged_in_redis"] == 1
-    assert wait_until(lambda: "fwd=miss" in request(a, plain)[1]["cache-status"], timeout=5)
+    assert wait_until(lambda: "fwd=uri-miss" in request(a, plain)[1]["cache-status"], timeout=5)
 
 
 def test_the_shared_store_survives_a_restart(bastion, backend, redis_server):
@@ -93,7 +93,7 @@ def test_redis_down_means_misses_not_errors(bastion, backend, redis_server):
     redis_server.pause()
     try:
         status, h, _ = request(b, path)
-        assert status == 200 and "fwd=miss" in h["cache-status"]
+        assert status == 200 and "fwd=uri-miss" in h["cache-status"]
         status, _, _ = request(b, path)  # this worker's memory still serves
         assert status == 200
     finally:

@@ -47,7 +47,7 @@ def test_cache_hits_over_http2_from_memory_and_from_disk(bastion, backend, tmp_p
     large = f"/cache/disk-{uuid.uuid4().hex}?cc=max-age%3D600&size={3 << 20}"
     for path, size in ((small, None), (large, 3 << 20)):
         status, h, first = split(curl(f"{b.url}{path}").stdout)
-        assert status == 200 and "fwd=miss" in h["cache-status"]
+        assert status == 200 and "fwd=uri-miss" in h["cache-status"]
         r = curl(f"{b.url}{path}")
         assert r.returncode == 0, r.stderr
         status, h, again = split(r.stdout)
