@@ -256,6 +256,11 @@ def send_data_frame(conn, sid: int, data: bytes, end_stream: bool = False) -> No
     conn._data_to_send += _FRAME_HEADER.pack(size >> 8, size & 0xFF, 0x0, flags, sid) + data
 
 
+# Where h2 keeps a header block until its END_HEADERS (checked by the sweep, see _check_header_block).
+_HEADER_BLOCKS = hasattr(h2.connection.H2Connection(h2.config.H2Configuration(client_side=False)).incoming_buffer,
+                         "_headers_buffer")
+
+
 def _short_frame_repr(frame) -> str:
     return f"<{type(frame).__name__} stream_id={frame.stream_id}>"
 
@@ -284,6 +289,7 @@ class H2ServerConnection(asyncio.Protocol):
         "worker", "runtime", "listener", "loop", "transport", "client_ip", "tls_client", "h2", "streams",
         "closed", "write_paused", "last_active", "resets", "reset_window_start", "goaway_sent", "last_stream",
         "max_resets", "reset_window", "dead", "receiving", "flush_pending", "holding", "origin",
+        "header_block", "header_block_since",
     )
 
     def __init__(self, worker, runtime, listener, client_ip: str, tls_client=False):
@@ -319,6 +325,8 @@ class H2ServerConnection(asyncio.Protocol):
         self.goaway_sent = False
         self.last_stream = 0
         self.origin = None  # the ClientConnection that accepted the connection and handed it over
+        self.header_block = None  # the first frame of a header block still waiting for its END_HEADERS
+        self.header_block_since = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def connection_made(self, transport):
@@ -539,6 +547,12 @@ class H2ServerConnection(asyncio.Protocol):
 
     # -- timers and draining (called by the worker) -----------------------------------------------------------
     def check_deadline(self, now: float) -> None:
+        if _HEADER_BLOCKS and self.h2.incoming_buffer._headers_buffer:
+            self._check_header_block(now)
+            if self.dead:
+                return
+        elif self.header_block is not None:
+            self.header_block = None
         streams = self.streams
         if streams:
             for stream in list(streams.values()):
@@ -548,6 +562,19 @@ class H2ServerConnection(asyncio.Protocol):
         if idle >= self.runtime.config.timeouts.keepalive or (self.goaway_sent and idle >= 1.0):
             self.drain(now)
             self.close()
+
+    def _check_header_block(self, now: float) -> None:
+        """A header block sent in pieces (HEADERS, then CONTINUATION frames) gets `timeouts.client_header`
+        to end, as an HTTP/1.1 request head does: a client trickling CONTINUATION frames would otherwise
+        hold the connection (and h2's buffer) until its 64-frame limit. Seen by the sweep, so the cost
+        is nothing per frame; the block is known by its first frame."""
+        first = self.h2.incoming_buffer._headers_buffer[0]
+        if first is not self.header_block:
+            self.header_block = first
+            self.header_block_since = now
+        elif now - self.header_block_since >= self.runtime.config.timeouts.client_header:
+            self.header_block = None
+            self.fail(ErrorCodes.PROTOCOL_ERROR, "header block not completed within timeouts.client_header")
 
     def drain(self, now: float) -> None:
         """GOAWAY: streams the client already opened finish, new ones are refused, then the connection
