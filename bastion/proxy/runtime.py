@@ -86,6 +86,9 @@ class Runtime:
     security: object = None  # bastion.security.setup.SecuritySetup (bans for the admin API)
     connection_guard: object = None  # asked by each accepted connection when connection-level limits are on
     cache: object = None  # bastion.cache.runtime.CacheRuntime when a route caches
+    # Some route passes WebSocket to an HTTP/1.1 upstream: HTTP/2 clients are offered extended CONNECT
+    # (RFC 8441, SETTINGS_ENABLE_CONNECT_PROTOCOL) to open WebSockets over HTTP/2.
+    websocket_over_h2: bool = False
 
     def tick(self, now: float) -> None:
         if self.health_table is not None:
