@@ -1263,6 +1263,19 @@ class WebSocketStream(H2Stream):
         if not self.paused:
             self.resume_reading()  # credit for what the client sent before the switch
 
+    def write_local_response(self, ex, body: bytes) -> None:
+        if 200 <= ex.status < 300:
+            # A 2xx on an extended CONNECT says the tunnel is open (RFC 8441 5): a local 2xx (a `respond`
+            # route, a cached GET) cannot be the answer to a WebSocket.
+            ex.error = "websocket_not_allowed"
+            engine.respond_error(self, ex, 501)
+            return
+        H2Stream.write_local_response(self, ex, body)
+
+    def resume_reading(self) -> None:
+        if not self.upgrading:  # before the switch, credit waits: the bytes have nowhere to go yet
+            H2Stream.resume_reading(self)
+
     def _half_close_backend(self) -> None:
         transport = self.tunnel.transport
         if transport is not None and transport.can_write_eof():

@@ -9,16 +9,20 @@ import base64
 import hashlib
 import json
 import socket
+import ssl
 import threading
 import time
+import urllib.request
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import trustme
 from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.streams import StreamReader
 
+from tests.support.ports import free_port
 from tests.support.raw import RecordingServer
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -27,8 +31,11 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 class H2WebSocketClient:
     """One HTTP/2 connection (h2c, prior knowledge) with any number of streams, some of them WebSockets."""
 
-    def __init__(self, port: int, window: int | None = None, auto_ack: bool = True):
+    def __init__(self, port: int, window: int | None = None, auto_ack: bool = True, tls: ssl.SSLContext | None = None):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
+            assert self.sock.selected_alpn_protocol() == "h2"
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
         self.conn.initiate_connection()
         if window is not None:
@@ -117,7 +124,7 @@ class H2WebSocketClient:
                 data = self.sock.recv(65536)
             except socket.timeout:
                 continue
-            except ConnectionResetError:
+            except (ConnectionResetError, ssl.SSLError):
                 data = b""
             if not data:
                 self.closed = True
@@ -360,10 +367,9 @@ def test_a_backend_refusing_the_upgrade_answers_normally(bastion, backend):
     ignored = client.open_websocket("/echo/not-a-websocket", frames=False)
     s = client.wait_end(ignored)
     assert s["status"] == 502
-    # a local answer (no backend) on a CONNECT stream is a normal response too
+    # a local 2xx (a `respond` route) would read as an open tunnel: the route cannot do WebSocket
     local = client.open_websocket("/local", frames=False)
-    s = client.wait_end(local)
-    assert s["status"] == 200 and s["body"] == b"local answer\n"
+    assert client.wait_end(local)["status"] == 501
     ok = client.request("/echo/after")
     assert client.wait_end(ok)["status"] == 200
     client.close()
@@ -504,3 +510,39 @@ def test_the_client_gets_no_credit_while_the_backend_does_not_read(bastion):
     finally:
         go.set()
         server.close()
+
+
+def open_tunnels(b) -> float:
+    with urllib.request.urlopen(b.admin_url + "/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("bastion_open_tunnels"):
+                return float(line.split()[-1])
+    return -1.0
+
+
+def test_websocket_over_http2_over_tls(bastion, backend, tmp_path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_pem.write_to_path(str(key_file))
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    port = free_port()
+    b = bastion({"listeners": [{"address": f"127.0.0.1:{port}",
+                                "tls": {"certificates": [{"cert": str(cert_file), "key": str(key_file)}]}}],
+                 "routes": [{"upstream": {"servers": [backend.address]}}]})
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    context.set_alpn_protocols(["h2"])
+    client = H2WebSocketClient(port, tls=context)
+    assert client.extended_connect == 1
+    sid = client.open_websocket("/ws")
+    assert client.wait_head(sid)["status"] == 200
+    for i in range(5):
+        client.send_message(sid, f"over tls {i}")
+        assert client.receive_frame(sid).data == f"over tls {i}".encode()
+    assert open_tunnels(b) == 1
+    client.reset(sid)  # the client cancels the stream: the tunnel is gone
+    assert wait_for(lambda: open_tunnels(b) == 0)
+    line = b.wait_access_log(1)[-1]
+    assert line["status"] == 200 and line["target"] == "/ws" and not line.get("error")
+    client.close()
