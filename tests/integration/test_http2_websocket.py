@@ -19,6 +19,7 @@ import h2.connection
 import h2.events
 import h2.settings
 import trustme
+from hyperframe.frame import Frame as HyperFrame, GoAwayFrame
 from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.streams import StreamReader
 
@@ -546,3 +547,67 @@ def test_websocket_over_http2_over_tls(bastion, backend, tmp_path):
     line = b.wait_access_log(1)[-1]
     assert line["status"] == 200 and line["target"] == "/ws" and not line.get("error")
     client.close()
+
+
+def read_raw_frames(sock, until, timeout: float = 15) -> tuple[list, bool]:
+    """Frames parsed from the socket without h2 (whose state machine stops at a GOAWAY, although the streams
+    it names may go on), until `until(frames)` or the connection closes (then True)."""
+    frames: list = []
+    buffer = b""
+    deadline = time.monotonic() + timeout
+    while not until(frames):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only got {frames}")
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            return frames, True
+        if not data:
+            return frames, True
+        buffer += data
+        while len(buffer) >= 9:
+            frame, length = HyperFrame.parse_frame_header(memoryview(buffer[:9]))
+            if len(buffer) < 9 + length:
+                break
+            frame.parse_body(memoryview(buffer[9 : 9 + length]))
+            buffer = buffer[9 + length :]
+            frames.append(frame)
+    return frames, False
+
+
+def test_a_websocket_stream_outlives_a_reload_until_it_ends(bastion):
+    def tick(sock, server):
+        for _ in range(15):  # 3 s of ticks, then the backend ends the tunnel
+            sock.sendall(b"tick")
+            time.sleep(0.2)
+        server.events.append("done")
+
+    server = TunnelBackend(tick)
+    try:
+        b = bastion({**config_for(server.address), "timeouts": {"drain": "20s"}})
+        client = H2WebSocketClient(b.port)
+        sid = client.open_websocket("/ticks", frames=False)
+        assert client.wait_head(sid)["status"] == 200
+        received = bytes(client.streams[sid]["body"])
+        old_workers = set(b.worker_pids())
+        b.reload()
+        frames, closed = read_raw_frames(client.sock, lambda fs: any(isinstance(f, GoAwayFrame) for f in fs))
+        goaway = [f for f in frames if isinstance(f, GoAwayFrame)][0]
+        assert goaway.error_code == 0 and goaway.last_stream_id == sid
+        # the open stream goes on until the backend ends it, then the old worker closes the connection
+        more, closed = read_raw_frames(client.sock, lambda fs: False, timeout=15)
+        frames += more
+        assert closed
+        data = [f for f in frames if f.type == 0 and f.stream_id == sid]
+        assert len([f for f in data if f.data]) > 1 and "END_STREAM" in data[-1].flags
+        assert received + b"".join(f.data for f in data) == b"tick" * 15
+        assert wait_for(lambda: not (old_workers & set(b.worker_pids())), timeout=15)  # and exits
+        fresh = H2WebSocketClient(b.port)  # the new workers serve WebSockets too
+        other = fresh.open_websocket("/ticks", frames=False)
+        assert fresh.wait_head(other)["status"] == 200
+        fresh.close()
+    finally:
+        server.close()
