@@ -10,10 +10,14 @@ control instead of httptools callbacks). Every filter therefore works on HTTP/2 
 A connection arrives here from `ClientConnection`: on TLS listeners when ALPN chose "h2", on cleartext
 ones when the first bytes are the prior-knowledge preface ("PRI * HTTP/2.0").
 
+WebSockets over HTTP/2 (RFC 8441 extended CONNECT) are `WebSocketStream`s, offered when a route passes
+WebSocket to an HTTP/1.1 upstream: see that class.
+
 Protection: SETTINGS limit concurrent streams, header list size, HPACK table and frame size; h2 itself
-closes the connection on a CONTINUATION flood (more than 64 frames in one header block); streams the
-client opens and cancels faster than `http2.max_client_resets` per `http2.reset_window` (the "rapid
-reset" attack) get the connection closed with ENHANCE_YOUR_CALM.
+closes the connection on a CONTINUATION flood (more than 64 frames in one header block), and a header block
+not ended within `timeouts.client_header` closes it too; streams the client opens and cancels faster than
+`http2.max_client_resets` per `http2.reset_window` (the "rapid reset" attack) get the connection closed
+with ENHANCE_YOUR_CALM.
 """
 
 from __future__ import annotations
