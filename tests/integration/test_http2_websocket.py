@@ -455,11 +455,13 @@ def test_extended_connect_is_offered_only_when_a_route_allows_websocket(bastion,
 def test_routes_and_protocols_that_do_not_allow_websocket(bastion, backend):
     config = config_for(backend.address)
     config["routes"].insert(0, {"match": {"path": {"prefix": "/closed"}}, "upgrade": [], "upstream": {"servers": [backend.address]}})
+    config["routes"].insert(0, {"match": {"path": {"prefix": "/h2"}}, "upstream": {"servers": [backend.address], "protocol": "h2"}})
     b = bastion(config)
     backend.reset()
     client = H2WebSocketClient(b.port)
     assert client.extended_connect == 1
     assert client.wait_end(client.open_websocket("/closed/ws"))["status"] == 501
+    assert client.wait_end(client.open_websocket("/h2/ws"))["status"] == 501  # HTTP/2 backends: not (yet) RFC 8441 to them
     assert client.wait_end(client.open_websocket("/ws", protocol="connect-udp"))["status"] == 501
     # a plain CONNECT (a TCP tunnel to :authority) is not something Bastion opens
     plain = client.request("", headers=[(b":method", b"CONNECT"), (b":authority", b"example.com:443")])
