@@ -312,6 +312,8 @@ def compile_config(config: Config, source: str = "<config>") -> Runtime:
     )
     runtime.metrics = metrics
     runtime.listeners = listeners
+    runtime.websocket_over_h2 = any(
+        r.upstream is not None and not r.upstream.http2 and r.allows_upgrade(b"websocket") for r in routes)
     runtime.acme_names = acme_names
     runtime.cert_files = cert_files
     runtime.health_table, runtime.checked = assign_health_table(runtime.upstream_groups)

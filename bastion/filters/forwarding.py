@@ -15,6 +15,11 @@ _FORWARDED = b"forwarded"
 _VIA = b"via"
 _HOST = b"host"
 _MANAGED = frozenset({_XFF, _XFP, _XFH, _FORWARDED, _VIA})
+# Via names the protocol version the request was received with (RFC 9110 7.6.3); HTTP/2 is "2".
+_VIA_VERSION = {"1.1": b"1.1 ", "1.0": b"1.0 ", "2.0": b"2 "}
+
+
+_NONE: dict = {}
 
 
 def _forwarded_node(ip: str) -> bytes:
@@ -31,6 +36,7 @@ class ForwardingHeaders:
         self.x_forwarded = x_forwarded
         self.forwarded = forwarded
         self.via = b"1.1 " + via.encode() if via else None
+        self.via_by_version = {v: prefix + via.encode() for v, prefix in _VIA_VERSION.items()} if via else {}
         self.request_id_header = request_id_header.encode() if request_id_header else None
         self.request_id_lower = self.request_id_header.lower() if self.request_id_header else None
         self.preserve_host = preserve_host
@@ -48,16 +54,18 @@ class ForwardingHeaders:
         self.simple = x_forwarded and not forwarded and preserve_host
         # With every header off and Host kept the filter has nothing to do, and routes leave it out.
         self.active = bool(managed) or self.request_id_header is not None
+        # client address -> the fixed header lines, per scheme; other HTTP versions than 1.1 (their Via
+        # differs) have tables of their own, so HTTP/1.1 pays nothing for them.
         self._fixed: dict[str, dict[str, tuple]] = {"http": {}, "https": {}}
         if self.request_id_header is None:
             self.response_filter = None  # nothing to add to responses: keep out of the response phase
 
-    def _fixed_for(self, client_ip: str, scheme: str) -> tuple:
+    def _fixed_for(self, client_ip: str, scheme: str, version: str = "1.1") -> tuple:
         fixed = [(b"X-Forwarded-For", client_ip.encode()), (b"X-Forwarded-Proto", scheme.encode())]
         if self.via:
-            fixed.append((b"Via", self.via))
+            fixed.append((b"Via", self.via_by_version.get(version, self.via)))
         result = tuple(fixed)
-        cache = self._fixed[scheme]
+        cache = self._fixed.setdefault(scheme if version == "1.1" else scheme + version, {})
         if len(cache) >= 4096:
             cache.clear()
         cache[client_ip] = result
@@ -66,9 +74,12 @@ class ForwardingHeaders:
     def upstream_request_filter(self, ex) -> None:
         if self.simple and not ex.via_proxy:
             # The common case: a direct client. Its fixed header lines are built once per address.
-            fixed = self._fixed[ex.scheme].get(ex.client_ip)
+            if ex.http_version == "1.1":
+                fixed = self._fixed[ex.scheme].get(ex.client_ip)
+            else:
+                fixed = self._fixed.get(ex.scheme + ex.http_version, _NONE).get(ex.client_ip)
             if fixed is None:
-                fixed = self._fixed_for(ex.client_ip, ex.scheme)
+                fixed = self._fixed_for(ex.client_ip, ex.scheme, ex.http_version)
             headers = ex.headers
             headers += fixed
             if ex.host_header:
@@ -123,7 +134,8 @@ class ForwardingHeaders:
                 element += b';host="' + ex.host_header.replace(b'"', b"") + b'"'
             kept.append((b"Forwarded", fwd + b", " + element if trusted and fwd else element))
         if self.via:
-            kept.append((b"Via", via + b", " + self.via if via else self.via))
+            own = self.via if ex.http_version == "1.1" else self.via_by_version.get(ex.http_version, self.via)
+            kept.append((b"Via", via + b", " + own if via else own))
         if self.request_id_header is not None and ex.incoming_request_id is None:
             kept.append((self.request_id_header, ex.request_id_bytes))
 

@@ -10,16 +10,23 @@ control instead of httptools callbacks). Every filter therefore works on HTTP/2 
 A connection arrives here from `ClientConnection`: on TLS listeners when ALPN chose "h2", on cleartext
 ones when the first bytes are the prior-knowledge preface ("PRI * HTTP/2.0").
 
+WebSockets over HTTP/2 (RFC 8441 extended CONNECT) are `WebSocketStream`s, offered when a route passes
+WebSocket to an HTTP/1.1 upstream: see that class.
+
 Protection: SETTINGS limit concurrent streams, header list size, HPACK table and frame size; h2 itself
-closes the connection on a CONTINUATION flood (more than 64 frames in one header block); streams the
-client opens and cancels faster than `http2.max_client_resets` per `http2.reset_window` (the "rapid
-reset" attack) get the connection closed with ENHANCE_YOUR_CALM.
+closes the connection on a CONTINUATION flood (more than 64 frames in one header block), and a header block
+not ended within `timeouts.client_header` closes it too; streams the client opens and cancels faster than
+`http2.max_client_resets` per `http2.reset_window` (the "rapid reset" attack) get the connection closed
+with ENHANCE_YOUR_CALM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
+import os
 import re
 import struct
 from time import monotonic
@@ -125,9 +132,9 @@ class CachingDecoder(Decoder):
         return headers
 
 
-def settings_for(config) -> dict:
+def settings_for(config, extended_connect: bool = False) -> dict:
     http2 = config.http2
-    return {
+    settings = {
         SettingCodes.MAX_CONCURRENT_STREAMS: http2.max_concurrent_streams,
         SettingCodes.MAX_HEADER_LIST_SIZE: http2.max_header_list_size,
         SettingCodes.HEADER_TABLE_SIZE: http2.header_table_size,
@@ -135,6 +142,9 @@ def settings_for(config) -> dict:
         SettingCodes.MAX_FRAME_SIZE: http2.max_frame_size,
         SettingCodes.ENABLE_PUSH: 0,
     }
+    if extended_connect:
+        settings[SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1  # WebSockets over HTTP/2 (RFC 8441)
+    return settings
 
 
 _UNIQUE_VALUES = frozenset({b"x-request-id", b"x-correlation-id", b"traceparent", b"set-cookie"})  # not cached
@@ -265,6 +275,10 @@ def send_data_frame(conn, sid: int, data: bytes, end_stream: bool = False) -> No
 
 _OPENING_STATES = (ConnectionState.IDLE, ConnectionState.SERVER_OPEN)
 
+# Where h2 keeps a header block until its END_HEADERS (checked by the sweep, see _check_header_block).
+_HEADER_BLOCKS = hasattr(h2.connection.H2Connection(h2.config.H2Configuration(client_side=False)).incoming_buffer,
+                         "_headers_buffer")
+
 
 def _short_frame_repr(frame) -> str:
     return f"<{type(frame).__name__} stream_id={frame.stream_id}>"
@@ -294,6 +308,7 @@ class H2ServerConnection(asyncio.Protocol):
         "worker", "runtime", "listener", "loop", "transport", "client_ip", "tls_client", "h2", "streams",
         "closed", "write_paused", "last_active", "resets", "reset_window_start", "goaway_sent", "last_stream",
         "max_resets", "reset_window", "dead", "receiving", "flush_pending", "holding", "origin", "max_streams",
+        "header_block", "header_block_since",
     )
 
     def __init__(self, worker, runtime, listener, client_ip: str, tls_client=False):
@@ -308,7 +323,7 @@ class H2ServerConnection(asyncio.Protocol):
         conn = h2.connection.H2Connection(_SERVER_CONFIG)
         conn.encoder = StaticTableEncoder()
         conn.decoder = CachingDecoder(config.http2.max_header_list_size)
-        values = settings_for(config)
+        values = settings_for(config, runtime.websocket_over_h2)
         conn.local_settings = h2.settings.Settings(client=False, initial_values=values)
         # Settings take effect when the client acknowledges them; the decoder's limits hold from the start.
         conn.decoder.max_allowed_table_size = config.http2.header_table_size
@@ -330,6 +345,8 @@ class H2ServerConnection(asyncio.Protocol):
         self.last_stream = 0
         self.origin = None  # the ClientConnection that accepted the connection and handed it over
         self.max_streams = config.http2.max_concurrent_streams
+        self.header_block = None  # the first frame of a header block still waiting for its END_HEADERS
+        self.header_block_since = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def connection_made(self, transport):
@@ -364,7 +381,7 @@ class H2ServerConnection(asyncio.Protocol):
             self.transport.pause_reading()
         for stream in self.streams.values():
             stream.write_paused = True
-            up = stream.upstream
+            up = stream.upstream or stream.tunnel
             if up is not None:
                 up.pause()
 
@@ -377,6 +394,9 @@ class H2ServerConnection(asyncio.Protocol):
             up = stream.upstream
             if up is not None and stream.pending_size < PENDING_PAUSE:
                 up.resume()
+            tunnel = stream.tunnel
+            if tunnel is not None and not stream.pending:
+                tunnel.resume()
             if stream.drained is not None:
                 stream.wake_file_sender()
 
@@ -602,6 +622,12 @@ class H2ServerConnection(asyncio.Protocol):
 
     # -- timers and draining (called by the worker) -----------------------------------------------------------
     def check_deadline(self, now: float) -> None:
+        if _HEADER_BLOCKS and self.h2.incoming_buffer._headers_buffer:
+            self._check_header_block(now)
+            if self.dead:
+                return
+        elif self.header_block is not None:
+            self.header_block = None
         streams = self.streams
         if streams:
             for stream in list(streams.values()):
@@ -611,6 +637,19 @@ class H2ServerConnection(asyncio.Protocol):
         if idle >= self.runtime.config.timeouts.keepalive or (self.goaway_sent and idle >= 1.0):
             self.drain(now)
             self.close()
+
+    def _check_header_block(self, now: float) -> None:
+        """A header block sent in pieces (HEADERS, then CONTINUATION frames) gets `timeouts.client_header`
+        to end, as an HTTP/1.1 request head does: a client trickling CONTINUATION frames would otherwise
+        hold the connection (and h2's buffer) until its 64-frame limit. Seen by the sweep, so the cost
+        is nothing per frame; the block is known by its first frame."""
+        first = self.h2.incoming_buffer._headers_buffer[0]
+        if first is not self.header_block:
+            self.header_block = first
+            self.header_block_since = now
+        elif now - self.header_block_since >= self.runtime.config.timeouts.client_header:
+            self.header_block = None
+            self.fail(ErrorCodes.PROTOCOL_ERROR, "header block not completed within timeouts.client_header")
 
     def drain(self, now: float) -> None:
         """GOAWAY: streams the client already opened finish, new ones are refused, then the connection
@@ -697,7 +736,7 @@ class H2Stream(ClientConnection):
         ex.scheme = self.scheme
         ex.http_version = "2.0"
         self.active = ex
-        method = target = authority = scheme = None
+        method = target = authority = scheme = protocol = None
         kept = []
         cookies = None
         size = 0
@@ -714,7 +753,10 @@ class H2Stream(ClientConnection):
                     elif len(valid) < _VALID_FIELDS_MAX:
                         valid.add(pair)
                 if regular or name not in _PSEUDO:
-                    malformed = True
+                    if name == b":protocol" and not regular and protocol is None and self.runtime.websocket_over_h2:
+                        protocol = value  # extended CONNECT (RFC 8441), offered in our SETTINGS
+                    else:
+                        malformed = True
                 elif name == b":method":
                     malformed = malformed or method is not None
                     method = value
@@ -780,7 +822,12 @@ class H2Stream(ClientConnection):
             if ex.content_length is None:
                 ex.chunked = True  # the body's length is unknown: chunked towards HTTP/1.1 backends
         if malformed or method is None or scheme is None:
-            self.reject(400, "malformed_request")
+            if method == b"CONNECT" and not malformed and protocol is None and target is None:
+                # A plain CONNECT (RFC 9113 8.5: only :method and :authority): a TCP tunnel Bastion does not
+                # open for anyone.
+                self.reject(501, "connect_not_supported")
+            else:
+                self.reject(400, "malformed_request")
             return
         if len(kept) > self.max_headers:
             self.reject(431, "too_many_headers")
@@ -788,9 +835,24 @@ class H2Stream(ClientConnection):
         if size > limits.header_bytes:
             self.reject(431, "header_too_large")
             return
-        if ex.method == b"CONNECT":
-            self.reject(501, "connect_not_supported")
-            return
+        if ex.method == b"CONNECT" or protocol is not None:
+            if protocol is None:
+                self.reject(501, "connect_not_supported")
+                return
+            if ex.method != b"CONNECT" or target is None or not authority:
+                self.reject(400, "malformed_request")  # RFC 8441 4: :protocol only on CONNECT, with :path
+                return
+            if protocol.lower() != b"websocket":
+                self.reject(501, "connect_protocol_not_supported")
+                return
+            if type(self) is H2Stream:
+                # The stream becomes a WebSocket stream (its own class, so that plain streams carry no
+                # tunnel logic); the head is read again by it.
+                stream = WebSocketStream(self.conn, self.stream_id)
+                self.conn.streams[self.stream_id] = stream
+                stream.begin(headers, ended)
+                return
+            self.prepare_websocket(ex, ended)
         if target is None or not (target[:1] == b"/" or (target == b"*" and ex.method == b"OPTIONS")):
             self.reject(400, "bad_target")
             return
@@ -1159,6 +1221,229 @@ class H2Stream(ClientConnection):
             if ex is not None:
                 self._upstream_error(ex, 504, "upstream_timeout")
                 self.conn.flush()
+
+
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_NOT_FROM_H2_CLIENT = frozenset({b"sec-websocket-key"})  # Bastion makes its own for the backend
+_NOT_TO_H2_CLIENT = frozenset({b"sec-websocket-accept"})  # RFC 8441 5: no key, no accept on HTTP/2
+
+
+def websocket_accept(key: bytes) -> bytes:
+    """The Sec-WebSocket-Accept a server must answer to `key` (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest())
+
+
+class WebSocketStream(H2Stream):
+    """A WebSocket over HTTP/2 (RFC 8441): an extended CONNECT with `:protocol websocket`. It is routed and
+    filtered as the equivalent GET; the backend gets an HTTP/1.1 Upgrade (GET, `Upgrade: websocket`, a fresh
+    `Sec-WebSocket-Key`, the client's version, subprotocols and extensions). When the backend switches
+    (101 with the right Sec-WebSocket-Accept) the client gets `:status 200` and from then on the stream's
+    DATA frames and the backend's bytes are piped both ways: the client gets credit only as fast as the
+    backend takes the bytes, and the backend is not read while the stream's window is used up.
+    END_STREAM from the client half-closes the backend socket; the backend closing ends the stream;
+    RST_STREAM (or the connection's end) closes the backend socket. Any other answer of the backend goes
+    to the client as a normal response (a 2xx without switching is a 502: the client would take it for
+    an open tunnel)."""
+
+    __slots__ = ("ws_accept", "client_done")
+
+    def __init__(self, conn: H2ServerConnection, stream_id: int):
+        H2Stream.__init__(self, conn, stream_id)
+        self.ws_accept = b""
+        self.client_done = False
+
+    def prepare_websocket(self, ex, ended: bool) -> None:
+        """Called by begin() for the extended CONNECT, before the exchange starts."""
+        ex.method = b"GET"
+        ex.upgrade = b"websocket"
+        ex.request_complete = True  # DATA frames are the tunnel's bytes, not a request body
+        ex.body_chunks = None
+        ex.chunked = False
+        self.parsing = None
+        self.deadline = 0.0
+        self.client_done = ended
+        key = base64.b64encode(os.urandom(16))
+        self.ws_accept = websocket_accept(key)
+        headers = [pair for pair in ex.headers if pair[0] not in _NOT_FROM_H2_CLIENT]
+        headers.append((b"sec-websocket-key", key))
+        ex.headers = headers
+        self.upgrading = True  # bytes from the client wait (without credit) until the backend switches
+        self.tunnel_pending = []
+
+    # -- towards the backend --------------------------------------------------------------------------------
+    def forward(self, ex, peer) -> None:
+        route = ex.route
+        if route.upstream.http2 or not route.allows_upgrade(ex.upgrade):
+            # Passed on as a plain GET, a 200 from the backend would look like an open tunnel to the client.
+            engine.end_attempt(ex)
+            ex.error = "websocket_not_allowed"
+            engine.respond_error(self, ex, 501)
+            return
+        ClientConnection.forward(self, ex, peer)
+
+    def upstream_head(self, up, status: int, headers, framing: int) -> None:
+        if status == 101 or 200 <= status < 300:
+            accept = None
+            for name, value in headers:
+                if len(name) == 20 and name.lower() == b"sec-websocket-accept":
+                    accept = value.strip()
+            if status != 101 or accept != self.ws_accept:
+                self.upstream = None
+                self.upstream_ready = False
+                up.abort()
+                self._upstream_error(self.active, 502, "websocket_handshake_failed")
+                return
+        ClientConnection.upstream_head(self, up, status, headers, framing)
+
+    def _write_head(self, ex, headers, chunked: bool, upgrade: bool = False) -> None:
+        if upgrade:
+            ex.status = 200  # what the client gets for an open tunnel, and what the access log shows
+            headers = [pair for pair in headers if pair[0].lower() not in _NOT_TO_H2_CLIENT]
+        H2Stream._write_head(self, ex, headers, chunked)
+
+    def upstream_switched(self, up, rest: bytes) -> None:
+        ex = self.active
+        self.upstream = None
+        self.upstream_ready = False
+        self.upgrading = False
+        pending = self.tunnel_pending or []
+        self.tunnel_pending = None
+        if ex.replacement is not None:
+            # A response filter answered in place of the 101: no tunnel.
+            up.abort()
+            engine.end_attempt(ex)
+            self.write_local_response(ex, ex.replacement.body)
+            return
+        self.tunnel = up
+        up.deadline = 0.0
+        self.last_active = monotonic()
+        self.worker.tunnel_opened(self)
+        if rest:
+            self.tunnel_from_upstream(rest)
+        for data in pending:
+            up.transport.write(data)
+        if self.client_done:
+            self._half_close_backend()
+        if self.write_paused:
+            up.pause()
+        if not self.paused:
+            self.resume_reading()  # credit for what the client sent before the switch
+
+    def write_local_response(self, ex, body: bytes) -> None:
+        if 200 <= ex.status < 300:
+            # A 2xx on an extended CONNECT says the tunnel is open (RFC 8441 5): a local 2xx (a `respond`
+            # route, a cached GET) cannot be the answer to a WebSocket.
+            ex.error = "websocket_not_allowed"
+            engine.respond_error(self, ex, 501)
+            return
+        H2Stream.write_local_response(self, ex, body)
+
+    def resume_reading(self) -> None:
+        if not self.upgrading:  # before the switch, credit waits: the bytes have nowhere to go yet
+            H2Stream.resume_reading(self)
+
+    def _half_close_backend(self) -> None:
+        transport = self.tunnel.transport
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+
+    # -- the client's side of the tunnel --------------------------------------------------------------------
+    def body_received(self, data: bytes, flow_length: int) -> None:
+        if self.closed:
+            self.conn._ack(flow_length, self.stream_id)
+            return
+        tunnel = self.tunnel
+        if tunnel is not None:
+            if data:
+                self.last_active = self.conn.last_active
+                self.active.bytes_in += len(data)
+                tunnel.transport.write(data)
+            if self.paused:  # the backend is not taking bytes: the client gets no credit until it does
+                self.unacked += flow_length
+            else:
+                self.conn._ack(flow_length, self.stream_id)
+        elif self.upgrading:
+            if data:
+                self.active.bytes_in += len(data)
+                self.tunnel_pending.append(data)
+            self.unacked += flow_length
+        else:
+            self.conn._ack(flow_length, self.stream_id)  # refused: the answer is on its way, bytes dropped
+
+    def request_ended(self) -> None:
+        self.client_done = True
+        if self.tunnel is not None:
+            self._half_close_backend()
+
+    # -- the backend's side of the tunnel -------------------------------------------------------------------
+    def tunnel_from_upstream(self, data: bytes) -> None:
+        self.last_active = monotonic()
+        self.active.bytes_out += len(data)
+        self._send(data)
+        if self.pending:  # the stream's window is used up: the backend waits for WINDOW_UPDATE
+            tunnel = self.tunnel
+            if tunnel is not None:
+                tunnel.pause()
+
+    def send_pending(self) -> None:
+        H2Stream.send_pending(self)
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.paused and not self.pending and not self.write_paused and not self.closed:
+            tunnel.resume()
+
+    def tunnel_closed_by_upstream(self) -> None:
+        if self.tunnel is None or self.done:
+            return
+        self.tunnel = None
+        self.worker.tunnel_closed(self)
+        ex = self.active
+        engine.end_attempt(ex)
+        self._end_exchange(ex)  # END_STREAM once what the backend sent has gone out
+
+    # -- the end ---------------------------------------------------------------------------------------------
+    def _finish_stream(self) -> None:
+        H2Stream._finish_stream(self)
+        if self.done:
+            self._release()
+            if not self.client_done and not self.conn.dead:
+                # The client may still be sending: it is told to stop, without error (RFC 9113 8.1).
+                self.client_done = True
+                try:
+                    self.conn.h2.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
+                except h2.exceptions.ProtocolError:
+                    pass
+
+    def _lost(self, reason: str | None) -> None:
+        if self.done:
+            return
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            tunnel.abort()
+            self.worker.tunnel_closed(self)
+            if reason in ("client_reset", "client_closed"):
+                reason = None  # how clients end a WebSocket over HTTP/2, not an error
+        self._release()
+        H2Stream._lost(self, reason)
+
+    def _release(self) -> None:
+        """Credit held back for bytes that will never reach the backend goes back to the connection."""
+        self.tunnel_pending = None
+        unacked = self.unacked
+        if unacked and not self.conn.dead and not self.conn.closed:
+            self.unacked = 0
+            self.conn._ack(unacked, self.stream_id)
+
+    def _check_upstream(self, now: float) -> None:
+        tunnel = self.tunnel
+        if tunnel is None:
+            H2Stream._check_upstream(self, now)
+            return
+        if now - self.last_active >= self.active.route.websocket_idle:
+            tunnel.owner = None
+            tunnel.close()
+            self.tunnel_closed_by_upstream()
+            self.conn.flush()
 
 
 def start_h2(client, data: bytes) -> None:

@@ -88,6 +88,9 @@ class Runtime:
     cache: object = None  # bastion.cache.runtime.CacheRuntime when a route caches
     # Request heads seen before, byte for byte, with what parsing them gave (ClientConnection.data_received)
     known_requests: dict = field(default_factory=dict)
+    # Some route passes WebSocket to an HTTP/1.1 upstream: HTTP/2 clients are offered extended CONNECT
+    # (RFC 8441, SETTINGS_ENABLE_CONNECT_PROTOCOL) to open WebSockets over HTTP/2.
+    websocket_over_h2: bool = False
 
     def tick(self, now: float) -> None:
         if self.health_table is not None:

@@ -548,3 +548,57 @@ def test_a_bad_content_length_is_a_connection_error(bastion, backend):
     goaway, closed = raw.read_until_goaway()
     assert goaway is not None and goaway.error_code == 1 and closed  # PROTOCOL_ERROR, from h2
     assert backend.stats() == 0
+
+
+def test_via_names_the_protocol_version_received(bastion, backend):
+    b = bastion(plain_config(backend))
+    client = H2Client(b.port)
+    first = client.request("/echo/h2")
+    relayed = client.request("/echo/h2", headers=[("via", "1.1 cdn")])
+    seen = {}
+    for sid in (first, relayed):
+        r = client.wait(sid)
+        assert r["status"] == 200
+        seen[sid] = [v for n, v in json.loads(r["body"])["headers"] if n.lower() == "via"]
+    client.close()
+    assert seen[first] == ["2 bastion"]
+    assert seen[relayed] == ["1.1 cdn, 2 bastion"]
+    # HTTP/1.0 and HTTP/1.1 clients on the same process keep their own version
+    for version in ("1.0", "1.1"):
+        with socket.create_connection(("127.0.0.1", b.port), timeout=10) as sock:
+            sock.sendall(f"GET /echo/h1 HTTP/{version}\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        headers = json.loads(raw.split(b"\r\n\r\n", 1)[1])["headers"]
+        assert [v for n, v in headers if n.lower() == "via"] == [f"{version} bastion"]
+
+
+def test_a_header_block_trickled_in_continuation_frames_times_out(bastion, backend):
+    """HEADERS without END_HEADERS, then one CONTINUATION a second, never ending: the connection gets a
+    GOAWAY once timeouts.client_header has passed (long before h2's 64-frame limit would stop it)."""
+    b = bastion({**plain_config(backend), "timeouts": {"client_header": "2s"}})
+    backend.reset()
+    raw = RawH2(b.port)
+    first = raw.headers(1, end_stream=True)
+    first.flags.discard("END_HEADERS")
+    raw.send(first)
+    started = time.monotonic()
+    goaway = None
+    closed = False
+    for _ in range(30):  # bounded: 30 s at most
+        cont = ContinuationFrame(1)
+        cont.data = raw.encoder.encode([("x-slow", "y")])
+        raw.send(cont)
+        goaway, closed = raw.read_until_goaway(timeout=1.0)
+        if goaway is not None or closed:
+            break
+    waited = time.monotonic() - started
+    if goaway is not None and not closed:
+        _, closed = raw.read_until_goaway(timeout=5)
+    assert goaway is not None and goaway.error_code == 1  # PROTOCOL_ERROR
+    assert closed
+    assert 1.5 < waited < 8
+    assert backend.stats() == 0
+    r = curl("--http2-prior-knowledge", f"{b.url}/local")  # the proxy serves the next client
+    assert r.stdout == b"local answer\n"

@@ -9,7 +9,7 @@
 /upload                           reads the body streaming, answers {length, sha256}
 /headers?Name=value&...           answers 200 with those response headers
 /redirect?to=URL[&status=302]     answers that redirect with Location: URL
-/ws                               WebSocket echo (text and binary)
+/ws                               WebSocket echo (text and binary; subprotocol "chat" if asked for)
 /close                            answers, then closes the connection
 /__stats, /__reset                request count (not counting these two), reset
 /__health                         200, or 503 after POST /__health/down (POST /__health/up to recover)
@@ -109,7 +109,7 @@ def make_app(name: str) -> web.Application:
         return web.Response(status=status, headers={"Location": request.query["to"]}, text="moved\n")
 
     async def ws(request):
-        sock = web.WebSocketResponse()
+        sock = web.WebSocketResponse(protocols=("chat",), max_msg_size=8 << 20)
         await sock.prepare(request)
         async for msg in sock:
             if msg.type == WSMsgType.TEXT:

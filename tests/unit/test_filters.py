@@ -39,6 +39,20 @@ def test_trusted_forwarding_headers_are_extended():
     assert h.get("forwarded") == 'for=10.1.2.3;proto=http;host="example.com"'
 
 
+def test_via_names_the_version_received_on_both_paths():
+    for forwarded in (False, True):  # the fast path (x-forwarded only) and the general one
+        f = ForwardingHeaders(TrustedProxies([]), forwarded=forwarded)
+        for version, expected in (("1.1", "1.1 bastion"), ("1.0", "1.0 bastion"), ("2.0", "2 bastion"), ("1.1", "1.1 bastion")):
+            ex = exchange()
+            ex.http_version = version
+            f.upstream_request_filter(ex)
+            assert Headers(ex.headers).get("via") == expected, (forwarded, version)
+        ex = exchange(headers=[(b"Via", b"1.1 cdn")])
+        ex.http_version = "2.0"
+        f.upstream_request_filter(ex)
+        assert Headers(ex.headers).get("via") == "1.1 cdn, 2 bastion"
+
+
 def test_rewrite_strip_regex_add_keeps_query():
     ex = exchange(path=b"/api/users/7", query=b"a=1")
     PathRewrite(strip_prefix="/api", add_prefix="/v2").upstream_request_filter(ex)

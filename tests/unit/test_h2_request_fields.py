@@ -2,7 +2,7 @@
 
 from hpack import Encoder
 
-from bastion.http.h2_server import CachingDecoder, field_is_valid
+from bastion.http.h2_server import CachingDecoder, field_is_valid, websocket_accept
 
 
 def test_field_rules():
@@ -35,3 +35,7 @@ def test_cached_blocks_follow_the_dynamic_table():
     assert not decoder.blocks
     assert decoder.decode(encoder.encode(first), raw=True) == first
     assert decoder.decode(encoder.encode(other), raw=True) == other
+
+
+def test_websocket_accept_is_rfc6455s():
+    assert websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 1.3
