@@ -40,8 +40,6 @@ PAUSE_HOLD = 8  # an async filter is working on the request
 PAUSE_TUNNEL = 16  # the backend side of a tunnel is not taking bytes
 
 # What the connection's deadline means when it passes.
-KNOWN_REQUESTS = 256  # remembered request heads per worker (see ClientConnection._remember_request)
-
 DL_NONE = 0
 DL_IDLE = 1
 DL_HEADER = 2
@@ -320,12 +318,17 @@ class ClientConnection(asyncio.Protocol):
             self._pause(PAUSE_TUNNEL)
             return
         if self.parsing is None and self.active is None:
-            known = self.runtime.known_requests.get(data)
-            if known is not None:
-                self._known_request(known)
-                return
-            if data[-4:] == b"\r\n\r\n" and data.find(b"\r\n\r\n") == len(data) - 4:
-                self.head_read = data  # one whole request head, nothing else: may be remembered
+            heads = self.runtime.known_requests
+            if heads.paused:
+                heads.paused -= 1
+            else:
+                known = heads.entries.get(data)
+                if known is not None:
+                    heads.hits += 1
+                    self._known_request(known)
+                    return
+                if data[-4:] == b"\r\n\r\n" and data.find(b"\r\n\r\n") == len(data) - 4:
+                    self.head_read = data  # one whole request head, nothing else: may be remembered
         was_in_head = self.in_head
         try:
             self.parser.feed_data(data)
@@ -523,11 +526,9 @@ class ClientConnection(asyncio.Protocol):
         if (ex.keep_alive and ex.http_version == "1.1" and self.connection_tokens is None and ex.upgrade is None
                 and not ex.expect_continue and not ex.content_length and not ex.chunked and self.host_count == 1
                 and ex.target[:1] == b"/" and self.active is None):
-            known = self.runtime.known_requests
-            if len(known) >= KNOWN_REQUESTS:
-                known.clear()
-            known[data] = (ex.method, ex.target, ex.path, ex.query, ex.host_header, ex.host, tuple(ex.headers),
-                           tuple(ex.raw_headers), ex.via_proxy, ex.incoming_request_id)
+            self.runtime.known_requests.remember(data, (ex.method, ex.target, ex.path, ex.query, ex.host_header,
+                                                        ex.host, tuple(ex.headers), tuple(ex.raw_headers),
+                                                        ex.via_proxy, ex.incoming_request_id))
 
     def _known_request(self, known) -> None:
         """What on_message_begin, on_headers_complete and on_message_complete do for a remembered head."""

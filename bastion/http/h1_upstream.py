@@ -20,7 +20,6 @@ FRAMING_CLOSE = 2  # body ends when the backend closes
 FRAMING_NONE = 3  # no body (HEAD, 1xx, 204, 304)
 
 MAX_RESPONSE_HEAD = 64 * 1024
-KNOWN_HEADS = 256  # per backend address; a new Date each second makes a new head
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 
 
@@ -125,14 +124,18 @@ class UpstreamConnection(asyncio.Protocol):
         # Everything for the client while this read is parsed leaves in one write (see ClientConnection.out).
         owner.out = out = []
         try:
-            if self.between and not self.head_request:
+            heads = self.peer.known_heads
+            if heads.paused and self.between:
+                heads.paused -= 1
+            elif self.between and not self.head_request:
                 # A whole response in one read whose head is byte for byte one this backend sent before
-                # (a backend repeats its heads, apart from Date once a second): what parsing that head
-                # gave is known, so the parser is skipped; it stays between messages for the next read.
+                # (bastion/http/known_heads.py): what parsing that head gave is known, so the parser is
+                # skipped; it stays between messages for the next read.
                 end = data.find(b"\r\n\r\n") + 4
                 if end > 3:
-                    known = self.peer.known_heads.get(data[:end])
+                    known = heads.entries.get(data[:end])
                     if known is not None and len(data) - end == known[2]:
+                        heads.hits += 1
                         self._known_response(owner, known, data, end)
                         return
                     self.parser.feed_data(data)
@@ -176,10 +179,7 @@ class UpstreamConnection(asyncio.Protocol):
                 owner.upstream_complete(self, self.keep_alive)
 
     def _remember_head(self, head: bytes) -> None:
-        known = self.peer.known_heads
-        if len(known) >= KNOWN_HEADS:
-            known.clear()
-        known[head] = (self.status, tuple(self.headers), self.content_length, self.keep_alive)
+        self.peer.known_heads.remember(head, (self.status, tuple(self.headers), self.content_length, self.keep_alive))
 
     # -- httptools callbacks ---------------------------------------------------------------------------
     def on_message_begin(self):

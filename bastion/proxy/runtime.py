@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bastion.config.schema import Config
+from bastion.http.known_heads import KnownHeads
 
 
 class CompiledRoute:
@@ -86,8 +87,8 @@ class Runtime:
     security: object = None  # bastion.security.setup.SecuritySetup (bans for the admin API)
     connection_guard: object = None  # asked by each accepted connection when connection-level limits are on
     cache: object = None  # bastion.cache.runtime.CacheRuntime when a route caches
-    # Request heads seen before, byte for byte, with what parsing them gave (ClientConnection.data_received)
-    known_requests: dict = field(default_factory=dict)
+    # Request heads seen before, byte for byte, with what parsing them gave (bastion/http/known_heads.py)
+    known_requests: KnownHeads = field(default_factory=KnownHeads)
     # Some route passes WebSocket to an HTTP/1.1 upstream: HTTP/2 clients are offered extended CONNECT
     # (RFC 8441, SETTINGS_ENABLE_CONNECT_PROTOCOL) to open WebSockets over HTTP/2.
     websocket_over_h2: bool = False

@@ -15,6 +15,7 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from bastion.http.headers import HOP_BY_HOP
+from bastion.http.known_heads import KnownHeads
 from bastion.upstream.balancer import make_balancer
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class Peer:
         self.response_special = HOP_BY_HOP | {b"content-length"} | hidden_response_headers
         # Response heads this backend sent before, byte for byte, with what parsing them gave (see
         # UpstreamConnection.data_received).
-        self.known_heads: dict[bytes, tuple] = {}
+        self.known_heads = KnownHeads()
         self.backup = backup
         self.drain = drain
         self.index = -1  # slot in the node's shared health table, when actively checked
