@@ -124,3 +124,44 @@ def test_a_client_gone_mid_download_leaves_the_proxy_serving(https):
         s.sendall(b"GET /echo/still HTTP/1.1\r\nHost: localhost\r\n\r\n")
         head, body, _ = read_response(s)
         assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["path"] == "/echo/still"
+
+
+def test_in_flight_https_requests_survive_a_reload(bastion, backend, ca, tmp_path):
+    import threading
+
+    cert = ca.issue_cert("localhost")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_pem.write_to_path(str(key_file))
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    port = free_port()
+
+    def config(version):
+        return {"workers": 2,
+                "listeners": [{"address": f"127.0.0.1:{port}",
+                               "tls": {"certificates": [{"cert": str(cert_file), "key": str(key_file)}]}}],
+                "routes": [{"match": {"path": {"exact": "/version"}}, "respond": {"body": version}},
+                           {"upstream": {"servers": [backend.address]}}]}
+
+    b = bastion(config("one"))
+    b.tls_port = port
+    b.client_context = ssl.create_default_context()
+    ca.configure_trust(b.client_context)
+
+    def get(path):
+        with tls_socket(b) as s:
+            s.sendall(b"GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % path.encode())
+            head, body, _ = read_response(s)
+            return head.split(b" ")[1], body
+
+    result = {}
+    slow = threading.Thread(target=lambda: result.update(answer=get("/delay/2")))
+    slow.start()
+    time.sleep(0.5)
+    b.write_config(config("two"))
+    b.reload()
+    deadline = time.monotonic() + 15
+    while get("/version") != (b"200", b"two"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    slow.join(15)
+    assert result["answer"] == (b"200", b"ok")  # begun under the old workers, finished by them
