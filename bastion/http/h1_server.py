@@ -102,6 +102,7 @@ class ClientConnection(asyncio.Protocol):
         "resp_chunked",
         "requests",
         "head_read",
+        "known_request",
         "deadline",
         "deadline_kind",
         "last_active",
@@ -112,6 +113,7 @@ class ClientConnection(asyncio.Protocol):
         "guard_slot",
         "drained",
     )
+    writes_h1 = True  # its answers are HTTP/1.1 heads (an HTTP/2 stream writes frames)
 
     waits_for_proxy_header = False
 
@@ -150,6 +152,7 @@ class ClientConnection(asyncio.Protocol):
         self.resp_chunked = False
         self.requests = 0
         self.head_read = None
+        self.known_request = None  # the remembered head the active exchange came from, if it did
         self.deadline = 0.0
         self.deadline_kind = DL_NONE
         self.last_active = 0.0
@@ -367,6 +370,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------------------
     def on_message_begin(self):
+        self.known_request = None
         now = monotonic()
         ex = Exchange(self, now)
         ex.client_ip = self.client_ip
@@ -526,9 +530,11 @@ class ClientConnection(asyncio.Protocol):
         if (ex.keep_alive and ex.http_version == "1.1" and self.connection_tokens is None and ex.upgrade is None
                 and not ex.expect_continue and not ex.content_length and not ex.chunked and self.host_count == 1
                 and ex.target[:1] == b"/" and self.active is None):
+            headers = ex.headers
+            lines = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
             self.runtime.known_requests.remember(data, (ex.method, ex.target, ex.path, ex.query, ex.host_header,
-                                                        ex.host, tuple(ex.headers), tuple(ex.raw_headers),
-                                                        ex.via_proxy, ex.incoming_request_id))
+                                                        ex.host, tuple(headers), tuple(ex.raw_headers),
+                                                        ex.via_proxy, ex.incoming_request_id, lines))
 
     def _known_request(self, known) -> None:
         """What on_message_begin, on_headers_complete and on_message_complete do for a remembered head."""
@@ -537,7 +543,8 @@ class ClientConnection(asyncio.Protocol):
         ex.client_ip = self.client_ip
         ex.scheme = self.scheme
         (ex.method, ex.target, ex.path, ex.query, ex.host_header, ex.host, headers, raw, ex.via_proxy,
-         ex.incoming_request_id) = known
+         ex.incoming_request_id, _) = known
+        self.known_request = known
         ex.headers = list(headers)  # filters may change them
         ex.raw_headers = list(raw)
         ex.request_complete = True
@@ -782,6 +789,12 @@ class ClientConnection(asyncio.Protocol):
             up.pause()
 
     def _build_upstream_head(self, ex) -> bytes:
+        known = self.known_request
+        if known is not None and ex is self.active and tuple(ex.headers) == known[6]:
+            # a remembered request head whose fields the filters left as they were: its lines are written
+            # out (remembered heads have no body, Upgrade or Connection)
+            end = b"Connection: close\r\n\r\n" if ex.peer.max_idle == 0 else b"\r\n"
+            return ex.method + b" " + ex.upstream_target() + b" HTTP/1.1\r\n" + known[10] + end
         parts = [ex.method, b" ", ex.upstream_target(), b" HTTP/1.1\r\n"]
         for name, value in ex.headers:
             parts.append(name)
@@ -847,7 +860,25 @@ class ClientConnection(asyncio.Protocol):
             self.close_after = True
         self.resp_chunked = chunked
         self.resp_started = True
+        known = up.known_head
+        if known is not None and self.writes_h1 and (not ex.route.on_response or tuple(ex.response_headers_raw) == known[1]):
+            # a known backend head that the response filters left as it was: its lines are written out
+            self._write_head_lines(ex, known[4], chunked)
+            return
         self._write_head(ex, ex.response_headers_raw, chunked, status == 101)
+
+    def _write_head_lines(self, ex, lines: bytes, chunked: bool) -> None:
+        """_write_head for header lines written out before (a known backend head; never an upgrade)."""
+        if chunked:
+            lines += b"Transfer-Encoding: chunked\r\n"
+        if self.close_after or not ex.keep_alive or self.worker.draining:
+            self.close_after = True
+            end = b"Connection: close\r\n\r\n"
+        elif ex.http_version == "1.0":
+            end = b"Connection: keep-alive\r\n\r\n"
+        else:
+            end = b"\r\n"
+        self._send(status_line(ex.status) + lines + end)
 
     def _write_head(self, ex, headers, chunked: bool, upgrade: bool = False) -> None:
         parts = [status_line(ex.status)]

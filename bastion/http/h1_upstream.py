@@ -48,6 +48,7 @@ class UpstreamConnection(asyncio.Protocol):
         "head_bytes",
         "read_timeout",
         "between",
+        "known_head",
     )
 
     def __init__(self, peer):
@@ -74,6 +75,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.seen_reads = 0
         self.read_timeout = 60.0
         self.between = True  # no response begun: the next read starts with a response head
+        self.known_head = None  # while a known head is handed to the client side (see _known_response)
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------
     def connection_made(self, transport):
@@ -167,11 +169,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _known_response(self, owner, known, data: bytes, end: int) -> None:
         """The callbacks' work for a known head (see data_received), with the same calls to the owner."""
-        self.status, headers, self.content_length, self.keep_alive = known
+        self.status, headers, self.content_length, self.keep_alive, _ = known
+        self.known_head = known
         self.chunked = False
         self.head_done = True
         self.headers = headers = list(headers)  # filters may change the list they are given
         owner.upstream_head(self, self.status, headers, FRAMING_LENGTH if self.content_length else FRAMING_NONE)
+        self.known_head = None
         if self.owner is owner:
             if self.content_length:
                 owner.upstream_body(data[end:])
@@ -179,7 +183,9 @@ class UpstreamConnection(asyncio.Protocol):
                 owner.upstream_complete(self, self.keep_alive)
 
     def _remember_head(self, head: bytes) -> None:
-        self.peer.known_heads.remember(head, (self.status, tuple(self.headers), self.content_length, self.keep_alive))
+        headers = self.headers
+        lines = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+        self.peer.known_heads.remember(head, (self.status, tuple(headers), self.content_length, self.keep_alive, lines))
 
     # -- httptools callbacks ---------------------------------------------------------------------------
     def on_message_begin(self):

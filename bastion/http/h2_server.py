@@ -705,6 +705,7 @@ class H2Stream(ClientConnection):
         "conn", "stream_id", "pending", "pending_size", "ending", "head_pending", "response_trailers",
         "request_trailers", "unacked", "done", "held",
     )
+    writes_h1 = False
 
     def __init__(self, conn: H2ServerConnection, stream_id: int):
         # Every inherited attribute starts as on a new HTTP/1.1 connection (so code added to

@@ -369,6 +369,7 @@ class H2UpstreamStream:
         "deadline", "read_timeout", "reads", "seen_reads", "paused", "unacked", "pending", "request_done",
         "trailers", "ended", "transport", "peer",
     )
+    known_head = None  # (an HTTP/1.1 backend connection's; never here)
 
     def __init__(self, conn: H2UpstreamConnection, stream_id: int, owner):
         self.conn = conn

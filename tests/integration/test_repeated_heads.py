@@ -41,7 +41,8 @@ def responses(port: int, requests: list[bytes]) -> list[tuple[bytes, bytes]]:
 def test_repeated_heads_are_cleaned_and_framed_every_time(bastion):
     canned = RecordingServer(response=CANNED)
     try:
-        b = bastion({"routes": [{"upstream": {"servers": [canned.address]}}]})
+        # no request id added to responses: the remembered head's lines are written as they are
+        b = bastion({"proxy": {"request_id_header": None}, "routes": [{"upstream": {"servers": [canned.address]}}]})
         got = responses(b.port, [b"GET /r%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(6)])
         assert canned.connections == 1  # one pooled backend connection: the same head six times
         for head, body in got:
@@ -52,6 +53,11 @@ def test_repeated_heads_are_cleaned_and_framed_every_time(bastion):
             # hop-by-hop (Keep-Alive, the one Connection names) and hidden (Server) headers: gone each time
             assert b"x-hop" not in names and b"keep-alive" not in names and b"server" not in names
             assert names.count(b"content-length") == 1
+            assert set(names) <= {b"content-type", b"content-length", b"x-app", b"x-request-id"}, names
+        # the first head was parsed, the others came from the remembered one: the same lines each time
+        without_ids = [[line for line in head.split(b"\r\n") if not line.lower().startswith(b"x-request-id")]
+                       for head, _ in got]
+        assert all(lines == without_ids[0] for lines in without_ids)
         log = b.wait_access_log(6)
         assert [line["status"] for line in log] == [200] * 6
         assert [line["target"] for line in log] == [f"/r{i}" for i in range(6)]
@@ -144,3 +150,33 @@ def test_a_rejected_request_is_not_remembered(bastion, backend):
             assert s.recv(65536).startswith(b"HTTP/1.1 400")
     good = b"GET /echo/x HTTP/1.1\r\nHost: a\r\n\r\n"
     assert all(head.startswith(b"HTTP/1.1 200") for head, _ in responses(b.port, [good] * 3))
+
+
+def test_a_repeated_head_reaches_the_backend_byte_for_byte_the_same(bastion):
+    """No forwarding headers and no filter that edits fields: the backend request is written from the
+    remembered lines; it must be exactly what the first request produced."""
+    canned = RecordingServer(response=b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    try:
+        b = bastion({"proxy": {"x_forwarded": False, "via": None, "request_id_header": None},
+                     "routes": [{"upstream": {"servers": [canned.address]}}]})
+        request = b"GET /same?x=1 HTTP/1.1\r\nHost: app\r\nKeep-Alive: 5\r\nX-Keep: k\r\nTE: trailers\r\n\r\n"
+        assert [body for _, body in responses(b.port, [request] * 4)] == [b"ok"] * 4
+        sent = canned.received().split(b"\r\n\r\n")[:-1]
+        assert len(sent) == 4 and len(set(sent)) == 1
+        lines = sent[0].split(b"\r\n")
+        assert lines[0] == b"GET /same?x=1 HTTP/1.1"
+        assert sorted(lines[1:]) == [b"Host: app", b"X-Keep: k"]
+    finally:
+        canned.close()
+
+
+def test_a_repeated_head_to_a_backend_without_keepalive_asks_it_to_close(bastion):
+    canned = RecordingServer(response=b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    try:
+        b = bastion({"proxy": {"x_forwarded": False, "via": None, "request_id_header": None},
+                     "routes": [{"upstream": {"servers": [canned.address], "keepalive": {"max_idle": 0}}}]})
+        assert [body for _, body in responses(b.port, [b"GET /c HTTP/1.1\r\nHost: app\r\n\r\n"] * 3)] == [b"ok"] * 3
+        sent = canned.received().split(b"\r\n\r\n")[:-1]
+        assert len(sent) == 3 and all(b"\r\nConnection: close" in s for s in sent)
+    finally:
+        canned.close()
