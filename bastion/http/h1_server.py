@@ -871,14 +871,16 @@ class ClientConnection(asyncio.Protocol):
         """_write_head for header lines written out before (a known backend head; never an upgrade)."""
         if chunked:
             lines += b"Transfer-Encoding: chunked\r\n"
+        self._send(status_line(ex.status) + lines + self._head_end(ex))
+
+    def _head_end(self, ex) -> bytes:
+        """The end of a response head written from prebuilt lines: the Connection field, then the blank line."""
         if self.close_after or not ex.keep_alive or self.worker.draining:
             self.close_after = True
-            end = b"Connection: close\r\n\r\n"
-        elif ex.http_version == "1.0":
-            end = b"Connection: keep-alive\r\n\r\n"
-        else:
-            end = b"\r\n"
-        self._send(status_line(ex.status) + lines + end)
+            return b"Connection: close\r\n\r\n"
+        if ex.http_version == "1.0":
+            return b"Connection: keep-alive\r\n\r\n"
+        return b"\r\n"
 
     def _write_head(self, ex, headers, chunked: bool, upgrade: bool = False) -> None:
         parts = [status_line(ex.status)]
@@ -1120,13 +1122,7 @@ class ClientConnection(asyncio.Protocol):
             ex.discard_body = True
             self.close_after = True
         self.resp_started = True
-        if self.close_after or not ex.keep_alive or self.worker.draining:
-            self.close_after = True
-            end = b"Connection: close\r\n\r\n"
-        elif ex.http_version == "1.0":
-            end = b"Connection: keep-alive\r\n\r\n"
-        else:
-            end = b"\r\n"
+        end = self._head_end(ex)
         body = response.body
         if body and ex.method != b"HEAD":
             ex.bytes_out += len(body)
