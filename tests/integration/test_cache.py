@@ -49,6 +49,18 @@ def q(**params):
                                    for k, v in params.items()})
 
 
+def cache_events(b) -> dict:
+    """bastion_cache_events_total by event, summed over routes (from the admin /metrics)."""
+    with urllib.request.urlopen(b.admin_url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("bastion_cache_events_total{"):
+            event = line.split('event="')[1].split('"')[0]
+            found[event] = found.get(event, 0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
 def config(backend, **cache):
     return {"routes": [{"name": "app", "upstream": {"servers": [backend.address]},
                         "cache": cache or True}]}
@@ -651,13 +663,7 @@ def test_metrics_count_cache_events(cached, backend):
     request(cached, path, {"Cache-Control": "no-cache"})
 
     def events():
-        with urllib.request.urlopen(cached.admin_url + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-        found = {}
-        for line in text.splitlines():
-            if line.startswith("bastion_cache_events_total{"):
-                event = line.split('event="')[1].split('"')[0]
-                found[event] = found.get(event, 0) + float(line.rsplit(" ", 1)[1])
+        found = cache_events(cached)
         return found if found.get("hit", 0) >= 1 and found.get("miss", 0) >= 1 and found.get("stored", 0) >= 1 else None
 
     assert wait_until(events, timeout=10, interval=0.3)

@@ -9,11 +9,11 @@ import socket
 import struct
 import threading
 import time
-import urllib.request
 
 import redis
 
 from tests.integration import test_cache
+from tests.integration.test_cache import cache_events as events
 from tests.integration.test_cache import config, hits, q, url, wait_until
 from tests.integration.test_cache_disk import disk_config
 from tests.support.ports import free_port
@@ -55,17 +55,6 @@ def concurrent_on_both_workers(b, query: str, n: int, attempts: int = 6):
         if len({worker_of(r) for r in results if r is not None}) == 2:
             return path, results
     raise AssertionError(f"{attempts} tries of {n} connections never reached both workers")
-
-
-def events(b) -> dict:
-    with urllib.request.urlopen(b.admin_url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    found = {}
-    for line in text.splitlines():
-        if line.startswith("bastion_cache_events_total{"):
-            event = line.split('event="')[1].split('"')[0]
-            found[event] = found.get(event, 0) + float(line.rsplit(" ", 1)[1])
-    return found
 
 
 def worker_of(response) -> str:

@@ -20,6 +20,7 @@ import trustme
 from hpack import Decoder, Encoder
 from hyperframe.frame import ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 
+from tests.support.certs import server_cert_files
 from tests.support.ports import free_port
 
 PATTERN = b"0123456789abcdef" * 4096
@@ -209,12 +210,10 @@ def ca():
 
 @pytest.fixture
 def tls_files(ca, tmp_path):
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert.private_key_pem.write_to_path(str(key_file))
-    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert_file, key_file = server_cert_files(ca, tmp_path)
+    ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    return str(cert_file), str(key_file), str(ca_file)
+    return cert_file, key_file, str(ca_file)
 
 
 def plain_config(backend, **http2):

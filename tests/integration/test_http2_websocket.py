@@ -23,6 +23,7 @@ from hyperframe.frame import Frame as HyperFrame, GoAwayFrame
 from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.streams import StreamReader
 
+from tests.support.certs import server_cert_files
 from tests.support.ports import free_port
 from tests.support.raw import RecordingServer
 
@@ -525,13 +526,10 @@ def open_tunnels(b) -> float:
 
 def test_websocket_over_http2_over_tls(bastion, backend, tmp_path):
     ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_pem.write_to_path(str(key_file))
-    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert_file, key_file = server_cert_files(ca, tmp_path)
     port = free_port()
     b = bastion({"listeners": [{"address": f"127.0.0.1:{port}",
-                                "tls": {"certificates": [{"cert": str(cert_file), "key": str(key_file)}]}}],
+                                "tls": {"certificates": [{"cert": cert_file, "key": key_file}]}}],
                  "routes": [{"upstream": {"servers": [backend.address]}}]})
     context = ssl.create_default_context()
     ca.configure_trust(context)

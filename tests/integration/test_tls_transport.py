@@ -13,6 +13,7 @@ import pytest
 import trustme
 import websockets
 
+from tests.support.certs import server_cert_files
 from tests.support.ports import free_port
 
 PATTERN = b"0123456789abcdef" * 4096
@@ -25,13 +26,10 @@ def ca():
 
 @pytest.fixture
 def https(bastion, backend, ca, tmp_path):
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_pem.write_to_path(str(key_file))
-    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert_file, key_file = server_cert_files(ca, tmp_path)
     port = free_port()
     b = bastion({"listeners": [{"address": f"127.0.0.1:{port}",
-                                "tls": {"certificates": [{"cert": str(cert_file), "key": str(key_file)}]}}],
+                                "tls": {"certificates": [{"cert": cert_file, "key": key_file}]}}],
                  "timeouts": {"client_header": 2},
                  "routes": [{"upstream": {"servers": [backend.address]}}]})
     context = ssl.create_default_context()
@@ -129,16 +127,13 @@ def test_a_client_gone_mid_download_leaves_the_proxy_serving(https):
 def test_in_flight_https_requests_survive_a_reload(bastion, backend, ca, tmp_path):
     import threading
 
-    cert = ca.issue_cert("localhost")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_pem.write_to_path(str(key_file))
-    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert_file, key_file = server_cert_files(ca, tmp_path)
     port = free_port()
 
     def config(version):
         return {"workers": 2,
                 "listeners": [{"address": f"127.0.0.1:{port}",
-                               "tls": {"certificates": [{"cert": str(cert_file), "key": str(key_file)}]}}],
+                               "tls": {"certificates": [{"cert": cert_file, "key": key_file}]}}],
                 "routes": [{"match": {"path": {"exact": "/version"}}, "respond": {"body": version}},
                            {"upstream": {"servers": [backend.address]}}]}
 
