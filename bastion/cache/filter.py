@@ -132,6 +132,7 @@ class HttpCache:
         # Collapsing beyond this worker: the store is shared by the node's workers (disk) or by nodes (Redis).
         self.collapse_shared = spec.collapse and (self.disk is not None or self.remote is not None)
         self.fast: bool | None = None  # no other response filter on the route: hits skip the phase
+        self.memo_ok: bool | None = None  # keys may be kept in remembered request heads (_memo_ok)
         self.route = None
 
     # -- keys -------------------------------------------------------------------------------------------------
@@ -169,19 +170,21 @@ class HttpCache:
         target = ex.path + b"?" + ex.query if ex.query else ex.path
         return f"{ex.scheme}://{ex.host_header.lower().decode('latin-1')}{target.decode('latin-1')}"
 
-    # -- request phase ----------------------------------------------------------------------------------------
-    def request_filter(self, ex):
-        method = ex.method
-        if method not in self.methods:
-            if method == b"PURGE":
-                return self._purge_request(ex)
-            if method not in _SAFE:
-                ex.state[STATE] = _State(UNSAFE)
-            return None
-        now = time()
-        journal = self.journal
-        if self.journal_seq(journal.mm, 0)[0] != journal.seen:
-            self.shared.poll()  # another worker purged something: apply it before answering from the store
+    def _memo_ok(self, route) -> bool:
+        """The key derived from a remembered head holds for every repeat when no request filter before this
+        one may change the request (it is the first, or those before it say they keep it as it is)."""
+        for f in route.on_request:
+            if f == self.request_filter:
+                return True
+            if not getattr(getattr(f, "__self__", None), "keeps_request", False):
+                return False
+        return False
+
+    def _head_facts(self, ex):
+        """(cache key, the request's cache-related fields or None) for a cacheable method; (None, None)
+        otherwise."""
+        if ex.method not in self.methods:
+            return None, None
         if self.plain_key:
             query = ex.query
             key = _SCHEME_PREFIX[ex.scheme] + ex.host_header.lower() + (ex.path + b"?" + query if query else ex.path)
@@ -195,6 +198,39 @@ class HttpCache:
                     client = {}
                 old = client.get(lname)
                 client[lname] = value if old is None else old + b", " + value
+        return key, client
+
+    def _other_method(self, ex):
+        method = ex.method
+        if method == b"PURGE":
+            return self._purge_request(ex)
+        if method not in _SAFE:
+            ex.state[STATE] = _State(UNSAFE)
+        return None
+
+    # -- request phase ----------------------------------------------------------------------------------------
+    def request_filter(self, ex):
+        known = ex.known
+        if known is not None and self.memo_ok is not False:
+            # a remembered request head: its cache key and cache-related fields were derived before
+            head = known.memo.get(self)
+            if head is None:
+                if self.memo_ok is None:
+                    self.memo_ok = self._memo_ok(ex.route)
+                    if not self.memo_ok:
+                        return self.request_filter(ex)
+                head = known.memo[self] = self._head_facts(ex)
+            key, client = head
+            if key is None:
+                return self._other_method(ex)
+        else:
+            if ex.method not in self.methods:
+                return self._other_method(ex)
+            key, client = self._head_facts(ex)
+        now = time()
+        journal = self.journal
+        if self.journal_seq(journal.mm, 0)[0] != journal.seen:
+            self.shared.poll()  # another worker purged something: apply it before answering from the store
         slot = self.slots.get(key)
         if slot is not None:
             if type(slot) is Entry:
@@ -275,6 +311,8 @@ class HttpCache:
             if entry.status >= 200 and entry.status not in (204, 304):
                 wire.append(b"Content-Length: %d\r\n" % len(entry.body))
             response.wire = b"".join(wire)
+            if len(entry.body) <= 16384:
+                response.whole = response.wire + b"\r\n" + entry.body
         entry.hit_second = second
         entry.hit_response = response
         entry.hit_filter = self
@@ -292,6 +330,7 @@ class HttpCache:
             headers += extra
         response.headers = Headers(headers)
         response.wire = None
+        response.whole = None
         return response
 
     def _lookup(self, ex, key: bytes, entry: Entry | None, client: dict | None, now: float, varied: bool = False):

@@ -26,6 +26,7 @@ from bastion.http.h1_upstream import (
     connect_failure,
 )
 from bastion.http.headers import HOP_BY_HOP, status_line
+from bastion.http.known_heads import KnownRequest
 from bastion.proxy import engine
 from bastion.proxy.exchange import Exchange, FileBody
 from bastion.http.paths import normalize_path
@@ -103,6 +104,7 @@ class ClientConnection(asyncio.Protocol):
         "requests",
         "head_read",
         "known_request",
+        "known_heads",
         "deadline",
         "deadline_kind",
         "last_active",
@@ -153,6 +155,7 @@ class ClientConnection(asyncio.Protocol):
         self.requests = 0
         self.head_read = None
         self.known_request = None  # the remembered head the active exchange came from, if it did
+        self.known_heads = runtime.known_requests if scheme == "http" else runtime.known_requests_https
         self.deadline = 0.0
         self.deadline_kind = DL_NONE
         self.last_active = 0.0
@@ -321,7 +324,7 @@ class ClientConnection(asyncio.Protocol):
             self._pause(PAUSE_TUNNEL)
             return
         if self.parsing is None and self.active is None:
-            heads = self.runtime.known_requests
+            heads = self.known_heads
             if heads.paused:
                 heads.paused -= 1
             else:
@@ -530,23 +533,25 @@ class ClientConnection(asyncio.Protocol):
         if (ex.keep_alive and ex.http_version == "1.1" and self.connection_tokens is None and ex.upgrade is None
                 and not ex.expect_continue and not ex.content_length and not ex.chunked and self.host_count == 1
                 and ex.target[:1] == b"/" and self.active is None):
-            headers = ex.headers
-            lines = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
-            self.runtime.known_requests.remember(data, (ex.method, ex.target, ex.path, ex.query, ex.host_header,
-                                                        ex.host, tuple(headers), tuple(ex.raw_headers),
-                                                        ex.via_proxy, ex.incoming_request_id, lines))
+            lines = b"".join([name + b": " + value + b"\r\n" for name, value in ex.headers])
+            self.known_heads.remember(data, KnownRequest(ex, lines))
 
     def _known_request(self, known) -> None:
         """What on_message_begin, on_headers_complete and on_message_complete do for a remembered head."""
-        now = monotonic()
-        ex = Exchange(self, now)
+        ex = Exchange(self, monotonic())
         ex.client_ip = self.client_ip
         ex.scheme = self.scheme
-        (ex.method, ex.target, ex.path, ex.query, ex.host_header, ex.host, headers, raw, ex.via_proxy,
-         ex.incoming_request_id, _) = known
-        self.known_request = known
-        ex.headers = list(headers)  # filters may change them
-        ex.raw_headers = list(raw)
+        ex.known = self.known_request = known
+        ex.method = known.method
+        ex.target = known.target
+        ex.path = known.path
+        ex.query = known.query
+        ex.host_header = known.host_header
+        ex.host = known.host
+        ex.headers = list(known.headers)  # filters may change them
+        ex.raw_headers = list(known.raw_headers)
+        ex.via_proxy = known.via_proxy
+        ex.incoming_request_id = known.incoming_request_id
         ex.request_complete = True
         self.requests += 1
         if self.requests >= self.limits.requests_per_connection:
@@ -554,11 +559,8 @@ class ClientConnection(asyncio.Protocol):
         self.active = ex
         self.deadline = 0.0
         self.deadline_kind = DL_NONE
+        # an answer given at once (a cache hit) leaves the connection idle, with its deadline, in _end_exchange
         engine.start(self, ex, self.runtime)
-        if self.active is None and not self.close_after and not self.closed and self.deadline_kind != DL_LINGER:
-            # answered at once (a local answer, a cache hit): the connection is idle now
-            self.deadline = monotonic() + self.timeouts.keepalive
-            self.deadline_kind = DL_IDLE
 
     def _absolute_form(self, ex, target: bytes) -> bytes:
         rest = target.split(b"://", 1)[1]
@@ -790,11 +792,11 @@ class ClientConnection(asyncio.Protocol):
 
     def _build_upstream_head(self, ex) -> bytes:
         known = self.known_request
-        if known is not None and ex is self.active and tuple(ex.headers) == known[6]:
+        if known is not None and ex is self.active and tuple(ex.headers) == known.headers:
             # a remembered request head whose fields the filters left as they were: its lines are written
             # out (remembered heads have no body, Upgrade or Connection)
             end = b"Connection: close\r\n\r\n" if ex.peer.max_idle == 0 else b"\r\n"
-            return ex.method + b" " + ex.upstream_target() + b" HTTP/1.1\r\n" + known[10] + end
+            return ex.method + b" " + ex.upstream_target() + b" HTTP/1.1\r\n" + known.lines + end
         parts = [ex.method, b" ", ex.upstream_target(), b" HTTP/1.1\r\n"]
         for name, value in ex.headers:
             parts.append(name)
@@ -1118,6 +1120,19 @@ class ClientConnection(asyncio.Protocol):
 
     def write_local_wire(self, ex, response) -> None:
         """A local response whose header lines are prebuilt (a cache hit): one write, nothing rebuilt."""
+        whole = response.whole
+        if (whole is not None and ex.request_complete and not self.close_after and ex.keep_alive
+                and ex.http_version == "1.1" and ex.method != b"HEAD" and not self.upgrading
+                and not self.worker.draining):
+            # the common case, written in one piece as it was prepared
+            ex.bytes_out += len(response.body)
+            out = self.out
+            if out is None:
+                self.transport.write(whole)
+            else:
+                out.append(whole)
+            self._end_exchange(ex)
+            return
         if not ex.request_complete:
             ex.discard_body = True
             self.close_after = True

@@ -35,3 +35,26 @@ class KnownHeads:
                 self.paused = PAUSE
                 return
         entries[head] = parsed
+
+
+class KnownRequest:
+    """What parsing and checking one remembered request head gave. Identical bytes on a listener of the same
+    scheme always give the same, so a filter may keep in `memo` what it derives from the head alone (its
+    cache key, say), under a key of its own, and find it again the next time the head arrives."""
+
+    __slots__ = ("method", "target", "path", "query", "host_header", "host", "headers", "raw_headers",
+                 "via_proxy", "incoming_request_id", "lines", "memo")
+
+    def __init__(self, ex, lines: bytes):
+        self.method = ex.method
+        self.target = ex.target
+        self.path = ex.path
+        self.query = ex.query
+        self.host_header = ex.host_header
+        self.host = ex.host
+        self.headers = tuple(ex.headers)
+        self.raw_headers = tuple(ex.raw_headers)
+        self.via_proxy = ex.via_proxy
+        self.incoming_request_id = ex.incoming_request_id
+        self.lines = lines  # the header lines as Bastion writes them to a backend
+        self.memo: dict = {}

@@ -30,7 +30,7 @@ def new_request_id() -> bytes:
 class Response:
     """An answer produced by Bastion itself (a filter's early answer, a redirect, an error page)."""
 
-    __slots__ = ("status", "headers", "body", "wire")
+    __slots__ = ("status", "headers", "body", "wire", "whole")
 
     def __init__(
         self,
@@ -54,6 +54,8 @@ class Response:
         # response is written as is, without the response phase. Only for a filter that knows no other
         # response filter is on the route (the cache's hits).
         self.wire: bytes | None = None
+        # With `wire`, optionally: the whole HTTP/1.1 keep-alive answer (wire, the blank line, the body).
+        self.whole: bytes | None = None
 
 
 class FileBody:
@@ -122,6 +124,7 @@ class Exchange:
         "replacement",
         "raw_headers",
         "body_waiter",
+        "known",
     )
 
     def __init__(self, conn, start: float):
@@ -171,6 +174,9 @@ class Exchange:
         self.replacement: Response | None = None  # a response filter's answer in place of the backend's
         self.raw_headers: list[tuple[bytes, bytes]] = []  # every header as received, hop-by-hop ones too
         self.body_waiter = None  # (future, limit) while a filter awaits the whole body (read_body)
+        # The remembered request head (bastion.http.known_heads.KnownRequest) this request repeats, if any:
+        # filters may keep what they derive from the head alone in its `memo`.
+        self.known = None
 
     # -- identity -------------------------------------------------------------------------------------
     @property

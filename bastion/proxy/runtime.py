@@ -88,7 +88,9 @@ class Runtime:
     connection_guard: object = None  # asked by each accepted connection when connection-level limits are on
     cache: object = None  # bastion.cache.runtime.CacheRuntime when a route caches
     # Request heads seen before, byte for byte, with what parsing them gave (bastion/http/known_heads.py)
+    # (one table per scheme: a remembered head's memo may hold what depends on it, such as a cache key)
     known_requests: KnownHeads = field(default_factory=KnownHeads)
+    known_requests_https: KnownHeads = field(default_factory=KnownHeads)
     # Some route passes WebSocket to an HTTP/1.1 upstream: HTTP/2 clients are offered extended CONNECT
     # (RFC 8441, SETTINGS_ENABLE_CONNECT_PROTOCOL) to open WebSockets over HTTP/2.
     websocket_over_h2: bool = False

@@ -180,3 +180,55 @@ def test_a_repeated_head_to_a_backend_without_keepalive_asks_it_to_close(bastion
         assert len(sent) == 3 and all(b"\r\nConnection: close" in s for s in sent)
     finally:
         canned.close()
+
+
+def test_a_repeated_head_keeps_its_cache_key_per_scheme(bastion, backend, tmp_path):
+    """The cache derives its key from a repeated head once (KnownRequest.memo). The key holds the scheme:
+    the same bytes on an HTTPS listener are another object, and a purge still reaches the remembered key."""
+    import ssl
+
+    import trustme
+
+    from tests.support.certs import server_cert_files
+    from tests.support.ports import free_port
+
+    ca = trustme.CA()
+    cert_file, key_file = server_cert_files(ca, tmp_path)
+    plain, tls = free_port(), free_port()
+    b = bastion({"listeners": [f"127.0.0.1:{plain}",
+                               {"address": f"127.0.0.1:{tls}",
+                                "tls": {"certificates": [{"cert": cert_file, "key": key_file}]}}],
+                 "routes": [{"upstream": {"servers": [backend.address]},
+                             "cache": {"purge_from": ["127.0.0.1"]}}]})
+    request = b"GET /cache/memo-%d?cc=max-age%%3D60 HTTP/1.1\r\nHost: localhost\r\n\r\n" % plain
+
+    def statuses(connect, count):
+        with connect() as s:
+            buffer, out = b"", []
+            for _ in range(count):
+                s.sendall(request)
+                response, buffer = read_response(s, buffer)
+                fields = dict(line.split(b": ", 1) for line in response.split(b"\r\n\r\n")[0].split(b"\r\n")[1:])
+                out.append(fields[b"Cache-Status"].decode())
+            return out
+
+    def plain_socket():
+        return socket.create_connection(("127.0.0.1", plain), timeout=10)
+
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+
+    def tls_socket():
+        return context.wrap_socket(socket.create_connection(("127.0.0.1", tls), timeout=10), server_hostname="localhost")
+
+    got = statuses(plain_socket, 4)
+    assert "fwd=uri-miss" in got[0] and all(s.startswith("Bastion; hit") for s in got[1:]), got
+    got = statuses(tls_socket, 3)
+    assert "fwd=uri-miss" in got[0] and all(s.startswith("Bastion; hit") for s in got[1:]), got
+    # a purge of the plain URL: the next repeat of the remembered head goes to the backend again
+    with plain_socket() as s:
+        s.sendall(b"PURGE" + request[3:])
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    got = statuses(plain_socket, 2)
+    assert "fwd=uri-miss" in got[0] and got[1].startswith("Bastion; hit"), got
+    assert statuses(tls_socket, 1)[0].startswith("Bastion; hit")
