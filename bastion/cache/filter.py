@@ -237,14 +237,18 @@ class HttpCache:
                 entry = slot
             else:
                 entry = slot.variants.get(_variant(slot.names, ex.headers))
-            if entry is not None and client is None and now < entry.fresh_until and not entry.needs_check:
-                # The fast path: a fresh hit for a request with nothing special.
-                if entry.freq < 3:
-                    entry.freq += 1
-                self.counts["hit"] += 1
-                if entry.hit_second == int(now) and entry.hit_filter is self:
+            if entry is not None and client is None:
+                if now < entry.hit_until and entry.hit_filter is self:
+                    # The fast path: a fresh hit for a request with nothing special, answered this second.
+                    if entry.freq < 3:
+                        entry.freq += 1
+                    self.counts["hit"] += 1
                     return entry.hit_response
-                return self._hit_response(ex, entry, now)
+                if now < entry.fresh_until and not entry.needs_check:
+                    if entry.freq < 3:
+                        entry.freq += 1
+                    self.counts["hit"] += 1
+                    return self._hit_response(ex, entry, now)
         else:
             entry = None
         varied = False
@@ -313,7 +317,7 @@ class HttpCache:
             response.wire = b"".join(wire)
             if len(entry.body) <= 16384:
                 response.whole = response.wire + b"\r\n" + entry.body
-        entry.hit_second = second
+        entry.hit_until = min(second + 1, entry.fresh_until) if not entry.needs_check else 0.0
         entry.hit_response = response
         entry.hit_filter = self
         return response
@@ -848,7 +852,7 @@ class HttpCache:
         entry.swr = policy.stale_window(response_cc, "stale-while-revalidate", self.swr)
         entry.sie = policy.stale_window(response_cc, "stale-if-error", self.sie)
         entry.head_bytes = b"".join(n + b": " + v + b"\r\n" for n, v in entry.headers)
-        entry.hit_second = -1
+        entry.hit_until = 0.0
         entry.hit_response = None
 
     def _stale_on_error(self, ex, state, entry: Entry | None, now: float) -> Response | None:

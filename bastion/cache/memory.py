@@ -18,7 +18,7 @@ class Entry:
     __slots__ = (
         "key", "variant", "url", "status", "headers", "body", "request_time", "response_time", "date",
         "initial_age", "lifetime", "fresh_until", "cc", "etag", "last_modified", "vary", "tags", "size",
-        "freq", "dead", "queue", "hit_second", "hit_response", "auth_ok", "needs_check", "swr", "sie",
+        "freq", "dead", "queue", "hit_until", "hit_response", "auth_ok", "needs_check", "swr", "sie",
         "refreshing", "head_bytes", "hit_filter", "file",
     )
 
@@ -44,7 +44,7 @@ class Entry:
         self.freq = 0
         self.dead = False
         self.queue = 0  # 1 small, 2 main
-        self.hit_second = -1
+        self.hit_until = 0.0  # hit_response answers until then: the end of its second, at most fresh_until
         self.hit_response = None
         self.auth_ok = False  # may answer requests that carry Authorization
         self.needs_check = False  # no-cache: revalidate on every use

@@ -127,9 +127,9 @@ class ClientConnection(asyncio.Protocol):
         scheme = listener.scheme if listener is not None else "http"
         self.loop = worker.loop
         config = runtime.config
-        self.limits = config.limits
+        self.limits = runtime.limits
         self.max_headers = config.limits.header_count
-        self.timeouts = config.timeouts
+        self.timeouts = runtime.timeouts
         self.scheme = scheme
         self.transport = None
         self.parser = None
@@ -549,7 +549,7 @@ class ClientConnection(asyncio.Protocol):
         ex.host_header = known.host_header
         ex.host = known.host
         ex.headers = list(known.headers)  # filters may change them
-        ex.raw_headers = list(known.raw_headers)
+        ex.raw_headers = known.raw_headers  # read-only: every field as received
         ex.via_proxy = known.via_proxy
         ex.incoming_request_id = known.incoming_request_id
         ex.request_complete = True

@@ -16,6 +16,7 @@ UPSTREAM_ERRORS = frozenset(
      "upstream_timeout", "invalid_response", "no_server", "circuit_open", "tls_error"}
 )
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+_STATUS_INDEX = [6] * 100 + [1] * 100 + [2] * 100 + [3] * 100 + [4] * 100 + [5] * 100  # status -> class, 6: other
 
 
 class _Prom:
@@ -66,8 +67,8 @@ class Metrics:
         counts = self.routes.get(route)
         if counts is None:
             counts = self.routes[route] = _RouteCounts()
-        status = ex.status // 100
-        counts.status[status if 0 < status < 6 else 6] += 1
+        status = ex.status
+        counts.status[_STATUS_INDEX[status] if status < 600 else 6] += 1
         duration = (ex.end or monotonic()) - ex.start
         counts.buckets[bisect_left(BUCKETS, duration)] += 1
         counts.total += duration

@@ -58,7 +58,7 @@ def run_request_filters(conn, ex, route, index: int) -> None:
         index += 1
         if result is None:
             continue
-        if isinstance(result, Response):
+        if type(result) is Response or isinstance(result, Response):
             respond(conn, ex, result)
             return
         if isawaitable(result):

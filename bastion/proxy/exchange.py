@@ -172,7 +172,7 @@ class Exchange:
         self.retries = 0
         self.error_detail: str | None = None
         self.replacement: Response | None = None  # a response filter's answer in place of the backend's
-        self.raw_headers: list[tuple[bytes, bytes]] = []  # every header as received, hop-by-hop ones too
+        self.raw_headers: list[tuple[bytes, bytes]] = []  # every header as received, hop-by-hop ones too (read-only)
         self.body_waiter = None  # (future, limit) while a filter awaits the whole body (read_body)
         # The remembered request head (bastion.http.known_heads.KnownRequest) this request repeats, if any:
         # filters may keep what they derive from the head alone in its `memo`.

@@ -68,6 +68,15 @@ class CompiledRoute:
         return f"<route {self.name}>"
 
 
+class PlainSettings:
+    """The fields of a configuration section as plain attributes. Pydantic models answer attribute reads
+    through a __getattr__ hook, which the interpreter cannot specialise: per-request code reads these."""
+
+    def __init__(self, model):
+        for name in type(model).model_fields:
+            setattr(self, name, getattr(model, name))
+
+
 @dataclass
 class Runtime:
     config: Config
@@ -94,6 +103,10 @@ class Runtime:
     # Some route passes WebSocket to an HTTP/1.1 upstream: HTTP/2 clients are offered extended CONNECT
     # (RFC 8441, SETTINGS_ENABLE_CONNECT_PROTOCOL) to open WebSockets over HTTP/2.
     websocket_over_h2: bool = False
+
+    def __post_init__(self) -> None:
+        self.limits = PlainSettings(self.config.limits)
+        self.timeouts = PlainSettings(self.config.timeouts)
 
     def tick(self, now: float) -> None:
         if self.health_table is not None:
