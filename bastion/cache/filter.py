@@ -317,7 +317,7 @@ class HttpCache:
             response.wire = b"".join(wire)
             if len(entry.body) <= 16384:
                 response.whole = response.wire + b"\r\n" + entry.body
-        entry.hit_until = min(second + 1, entry.fresh_until) if not entry.needs_check else 0.0
+        entry.hit_until = min(second + 1.0, entry.fresh_until) if not entry.needs_check else 0.0
         entry.hit_response = response
         entry.hit_filter = self
         return response
