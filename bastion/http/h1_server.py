@@ -331,7 +331,31 @@ class ClientConnection(asyncio.Protocol):
                 known = heads.entries.get(data)
                 if known is not None:
                     heads.hits += 1
-                    self._known_request(known)
+                    # a remembered head: what on_message_begin, on_headers_complete and on_message_complete
+                    # would give (inline here: this is the hot path)
+                    ex = Exchange(self, monotonic())
+                    ex.client_ip = self.client_ip
+                    ex.scheme = self.scheme
+                    ex.known = self.known_request = known
+                    ex.method = known.method
+                    ex.target = known.target
+                    ex.path = known.path
+                    ex.query = known.query
+                    ex.host_header = known.host_header
+                    ex.host = known.host
+                    ex.headers = list(known.headers)  # filters may change them
+                    ex.raw_headers = known.raw_headers  # read-only: every field as received
+                    ex.via_proxy = known.via_proxy
+                    ex.incoming_request_id = known.incoming_request_id
+                    ex.request_complete = True
+                    self.requests += 1
+                    if self.requests >= self.limits.requests_per_connection:
+                        self.close_after = True
+                    self.active = ex
+                    self.deadline = 0.0
+                    self.deadline_kind = DL_NONE
+                    # an answer given at once (a cache hit) sets the idle deadline in _end_exchange
+                    engine.start(self, ex, self.runtime)
                     return
                 if data[-4:] == b"\r\n\r\n" and data.find(b"\r\n\r\n") == len(data) - 4:
                     self.head_read = data  # one whole request head, nothing else: may be remembered
@@ -535,32 +559,6 @@ class ClientConnection(asyncio.Protocol):
                 and ex.target[:1] == b"/" and self.active is None):
             lines = b"".join([name + b": " + value + b"\r\n" for name, value in ex.headers])
             self.known_heads.remember(data, KnownRequest(ex, lines))
-
-    def _known_request(self, known) -> None:
-        """What on_message_begin, on_headers_complete and on_message_complete do for a remembered head."""
-        ex = Exchange(self, monotonic())
-        ex.client_ip = self.client_ip
-        ex.scheme = self.scheme
-        ex.known = self.known_request = known
-        ex.method = known.method
-        ex.target = known.target
-        ex.path = known.path
-        ex.query = known.query
-        ex.host_header = known.host_header
-        ex.host = known.host
-        ex.headers = list(known.headers)  # filters may change them
-        ex.raw_headers = known.raw_headers  # read-only: every field as received
-        ex.via_proxy = known.via_proxy
-        ex.incoming_request_id = known.incoming_request_id
-        ex.request_complete = True
-        self.requests += 1
-        if self.requests >= self.limits.requests_per_connection:
-            self.close_after = True
-        self.active = ex
-        self.deadline = 0.0
-        self.deadline_kind = DL_NONE
-        # an answer given at once (a cache hit) leaves the connection idle, with its deadline, in _end_exchange
-        engine.start(self, ex, self.runtime)
 
     def _absolute_form(self, ex, target: bytes) -> bytes:
         rest = target.split(b"://", 1)[1]

@@ -22,7 +22,10 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 
 
 def start(conn, ex, runtime) -> None:
-    route = runtime.router.match(ex)
+    router = runtime.router
+    route = router.only  # one route that takes everything: no lookup
+    if route is None:
+        route = router.match(ex)
     if route is None:
         # No route: the global request filters (bans, access lists, rate limits, ACME answers) still
         # run, then the fallback route, which has no upstream, answers 404 (see proceed_to_upstream).
@@ -140,7 +143,7 @@ def respond(conn, ex, response: Response, replaceable: bool = False) -> None:
     response filter may answer in its place (Bastion's error for a failed backend: a cache's stale copy)."""
     ex.status = response.status
     if response.wire is not None:
-        ex.response_headers_raw = response.headers.raw
+        ex.response_headers_raw = response.headers._items
         conn.write_local_wire(ex, response)
         return
     ex.response_headers_raw = list(response.headers.raw)

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 
 _ID_PREFIX = [os.urandom(6).hex().encode()]
+_NOTHING: tuple = ()  # the empty default of fields that are replaced, never appended to
 _id_counter = [0]
 
 
@@ -150,7 +151,7 @@ class Exchange:
         self.peer: Peer | None = None
         self.upstream_path: bytes | None = None
         self.status = 0
-        self.response_headers_raw: list[tuple[bytes, bytes]] = []
+        self.response_headers_raw: list[tuple[bytes, bytes]] = _NOTHING  # a list once there is a response
         self.bytes_in = 0
         self.bytes_out = 0
         self.upstream_start = 0.0
@@ -172,7 +173,7 @@ class Exchange:
         self.retries = 0
         self.error_detail: str | None = None
         self.replacement: Response | None = None  # a response filter's answer in place of the backend's
-        self.raw_headers: list[tuple[bytes, bytes]] = []  # every header as received, hop-by-hop ones too (read-only)
+        self.raw_headers: list[tuple[bytes, bytes]] = _NOTHING  # every field as received, hop-by-hop too (read-only)
         self.body_waiter = None  # (future, limit) while a filter awaits the whole body (read_body)
         # The remembered request head (bastion.http.known_heads.KnownRequest) this request repeats, if any:
         # filters may keep what they derive from the head alone in its `memo`.
