@@ -333,21 +333,8 @@ class ClientConnection(asyncio.Protocol):
                     heads.hits += 1
                     # a remembered head: what on_message_begin, on_headers_complete and on_message_complete
                     # would give (inline here: this is the hot path)
-                    ex = Exchange(self, monotonic())
-                    ex.client_ip = self.client_ip
-                    ex.scheme = self.scheme
-                    ex.known = self.known_request = known
-                    ex.method = known.method
-                    ex.target = known.target
-                    ex.path = known.path
-                    ex.query = known.query
-                    ex.host_header = known.host_header
-                    ex.host = known.host
-                    ex.headers = list(known.headers)  # filters may change them
-                    ex.raw_headers = known.raw_headers  # read-only: every field as received
-                    ex.via_proxy = known.via_proxy
-                    ex.incoming_request_id = known.incoming_request_id
-                    ex.request_complete = True
+                    ex = Exchange(self, monotonic(), self.client_ip, self.scheme, known)
+                    self.known_request = known
                     self.requests += 1
                     if self.requests >= self.limits.requests_per_connection:
                         self.close_after = True
@@ -399,9 +386,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self):
         self.known_request = None
         now = monotonic()
-        ex = Exchange(self, now)
-        ex.client_ip = self.client_ip
-        ex.scheme = self.scheme
+        ex = Exchange(self, now, self.client_ip, self.scheme)
         self.parsing = ex
         self.in_head = True
         self.head_seen = 0
@@ -1194,8 +1179,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self.parsing or self.active
         self._drop_body_waiter(ex)
         if ex is None:
-            ex = Exchange(self, monotonic())
-            ex.client_ip = self.client_ip
+            ex = Exchange(self, monotonic(), self.client_ip, self.scheme)
         if self.active is not None and self.active is not ex:
             self.active.error = "connection_rejected"
             engine.finish(self.active)

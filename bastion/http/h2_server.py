@@ -732,9 +732,7 @@ class H2Stream(ClientConnection):
     # -- the request ----------------------------------------------------------------------------------------
     def begin(self, headers, ended: bool) -> None:
         now = monotonic()
-        ex = Exchange(self, now)
-        ex.client_ip = self.client_ip
-        ex.scheme = self.scheme
+        ex = Exchange(self, now, self.client_ip, self.scheme)
         ex.http_version = "2.0"
         self.active = ex
         method = target = authority = scheme = protocol = None

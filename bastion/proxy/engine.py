@@ -62,7 +62,12 @@ def run_request_filters(conn, ex, route, index: int) -> None:
         if result is None:
             continue
         if type(result) is Response or isinstance(result, Response):
-            respond(conn, ex, result)
+            if result.wire is not None:  # respond(), without a call for a prepared answer (a cache hit)
+                ex.status = result.status
+                ex.response_headers_raw = result.headers._items
+                conn.write_local_wire(ex, result)
+            else:
+                respond(conn, ex, result)
             return
         if isawaitable(result):
             conn.hold_reading()

@@ -128,19 +128,40 @@ class Exchange:
         "known",
     )
 
-    def __init__(self, conn, start: float):
+    def __init__(self, conn, start: float, client_ip: str = "", scheme: str = "http", known=None):
         self.conn = conn
         self.start = start
-        self.method = b""
-        self.target = b""
-        self.path = b""
-        self.query = b""
+        self.client_ip = client_ip
+        self.scheme = scheme
+        if known is None:
+            self.method = b""
+            self.target = b""
+            self.path = b""
+            self.query = b""
+            self.host_header = b""
+            self.host = b""
+            self.headers: list[tuple[bytes, bytes]] = []
+            self.raw_headers: list[tuple[bytes, bytes]] = _NOTHING  # every field as received (read-only)
+            self.via_proxy = False
+            self.incoming_request_id: bytes | None = None
+            self.request_complete = False
+        else:
+            # a remembered request head (bastion.http.known_heads.KnownRequest): what parsing it gave
+            self.method = known.method
+            self.target = known.target
+            self.path = known.path
+            self.query = known.query
+            self.host_header = known.host_header
+            self.host = known.host
+            self.headers = list(known.headers)  # filters may change them
+            self.raw_headers = known.raw_headers
+            self.via_proxy = known.via_proxy
+            self.incoming_request_id = known.incoming_request_id
+            self.request_complete = True  # remembered heads have no body
+        # The remembered head this request repeats, if any: filters may keep what they derive from the head
+        # alone in its `memo`.
+        self.known = known
         self.http_version = "1.1"
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.host = b""
-        self.host_header = b""
-        self.client_ip = ""
-        self.scheme = "http"
         self.keep_alive = True
         self.upgrade: bytes | None = None
         self.expect_continue = False
@@ -158,26 +179,19 @@ class Exchange:
         self.upstream_time: float | None = None
         self.error: str | None = None
         self._state: dict | None = None
-        self.incoming_request_id: bytes | None = None
         self.body_chunks: list[bytes] | None = None
         self.body_buffered = 0
         self.body_sent = False
-        self.request_complete = False
         self.discard_body = False
         self.waiting_body = False
         self.upstream_head: bytes | None = None
-        self.via_proxy = False
         self.end = 0.0
         self.attempting = False
         self.tried: list | None = None
         self.retries = 0
         self.error_detail: str | None = None
         self.replacement: Response | None = None  # a response filter's answer in place of the backend's
-        self.raw_headers: list[tuple[bytes, bytes]] = _NOTHING  # every field as received, hop-by-hop too (read-only)
         self.body_waiter = None  # (future, limit) while a filter awaits the whole body (read_body)
-        # The remembered request head (bastion.http.known_heads.KnownRequest) this request repeats, if any:
-        # filters may keep what they derive from the head alone in its `memo`.
-        self.known = None
 
     # -- identity -------------------------------------------------------------------------------------
     @property
