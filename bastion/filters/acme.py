@@ -9,6 +9,8 @@ from bastion.tls.acme import CHALLENGE_PREFIX
 
 
 class AcmeChallenge:
+    keeps_request = True  # never changes the request: the cache may keep keys per repeated head
+
     def __init__(self, storage: str):
         self.folder = os.path.join(storage, "challenges")
 

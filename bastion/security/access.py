@@ -51,6 +51,8 @@ def forbidden(status: int = 403) -> Response:
 class AccessFilter:
     """A route's (or the global) list, checked on the real client address as the first request filter."""
 
+    keeps_request = True  # never changes the request: the cache may keep keys per repeated head
+
     def __init__(self, ip_list: IpList, client_address, stats):
         self.list = ip_list
         self.client_address = client_address

@@ -74,6 +74,8 @@ class ClientGuard:
     """The first request filter of every route when global access lists or bans are on: both are judged
     on the real client address (which, behind a trusted proxy, only the request tells)."""
 
+    keeps_request = True  # never changes the request: the cache may keep keys per repeated head
+
     def __init__(self, access, bans, client_address, stats, ban_status: int = 403):
         self.access = access if access else None
         self.bans = bans
@@ -103,6 +105,8 @@ class ClientGuard:
 class RouteConcurrency:
     """At most `limit` requests of this route in flight on the node; beyond it an immediate 503."""
 
+    keeps_request = True  # never changes the request: the cache may keep keys per repeated head
+
     def __init__(self, route_name: str, limit: int, stats):
         self.limit = limit
         self.stats = stats
@@ -127,6 +131,8 @@ class RouteConcurrency:
 
 class RouteSizeLimits:
     """Request line and header limits tighter than the global ones (which bound parsing itself)."""
+
+    keeps_request = True  # never changes the request: the cache may keep keys per repeated head
 
     def __init__(self, request_line: int | None, header_bytes: int | None, header_count: int | None):
         self.request_line = request_line

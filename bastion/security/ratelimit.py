@@ -74,6 +74,8 @@ def key_function(parts: list[str], client_address):
 
 
 class RateLimitFilter:
+    keeps_request = True  # never changes the request: the cache may keep keys per repeated head
+
     def __init__(self, spec, name: str, table, client_address, stats, redis_link=None):
         count, period = parse_rate(spec.rate)
         self.name = name

@@ -292,6 +292,8 @@ class AuditLog:
 class WafFilter:
     """Request phase: inspect, then block (403, or the rule's status) or pass; log what matched."""
 
+    keeps_request = True  # never changes the request: the cache may keep keys per repeated head
+
     def __init__(self, settings: WafSettings, engine: Engine, audit: AuditLog | None, route_name: str,
                  levels: dict | None = None):
         self.settings = settings
