@@ -96,7 +96,6 @@ class HttpCache:
         self.store = shared.store
         self.slots = shared.store.slots  # the same dict for the store's life (purge_all clears it in place)
         self.journal = shared.journal
-        self.journal_seq = shared.journal_seq
         self.remote = shared.redis if spec.store == "redis" else None  # the shared second level
         self.disk = shared.disk if spec.store == "disk" else None  # the node's second level
         self.counts = shared.counts_for(route_name)
@@ -229,7 +228,7 @@ class HttpCache:
             key, client = self._head_facts(ex)
         now = time()
         journal = self.journal
-        if self.journal_seq(journal.mm, 0)[0] != journal.seen:
+        if journal.seq_view[0] != journal.seen:
             self.shared.poll()  # another worker purged something: apply it before answering from the store
         slot = self.slots.get(key)
         if slot is not None:

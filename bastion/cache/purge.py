@@ -17,7 +17,7 @@ import struct
 SLOTS = 256
 SLOT = 1024
 HEADER = 8
-_SEQ = struct.Struct("<Q")
+_SEQ = struct.Struct("=Q")  # native order: also read through a memoryview (seq_view)
 _RECORD = struct.Struct("<QBH")  # sequence, kind, length of the value
 KINDS = {"url": 1, "prefix": 2, "tag": 3, "all": 4}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
@@ -29,6 +29,8 @@ class PurgeJournal:
         self.mm = mmap.mmap(-1, HEADER + SLOTS * SLOT)
         self.lock = multiprocessing.Lock()
         self.seen = 0  # per process (copied at fork, then private)
+        # the sequence number, read before every cache lookup: a memoryview item is the cheapest read
+        self.seq_view = memoryview(self.mm)[:HEADER].cast("Q")
 
     def sequence(self) -> int:
         return _SEQ.unpack_from(self.mm, 0)[0]

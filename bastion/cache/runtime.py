@@ -4,7 +4,7 @@ and the event counts that go to Prometheus."""
 from __future__ import annotations
 
 from bastion.cache.memory import MemoryStore
-from bastion.cache.purge import _SEQ, PurgeJournal
+from bastion.cache.purge import PurgeJournal
 
 
 class _Prom:
@@ -36,7 +36,6 @@ class CacheRuntime:
             self.disk = DiskStore(settings.disk.path, settings.disk.size)
         self.journal = PurgeJournal()
         self.journal_mm = self.journal.mm
-        self.journal_seq = _SEQ.unpack_from
         self.counts: dict[str, dict] = {}
         self._prom = None
 

@@ -1140,7 +1140,13 @@ class ClientConnection(asyncio.Protocol):
         self.resp_started = False
         self.resp_chunked = False
         ex.end = now or monotonic()
-        engine.finish(ex)
+        route = ex.route
+        if route is not None:
+            for f in route.on_log:  # the log phase (engine.finish), inline: it runs for every request
+                try:
+                    f(ex)
+                except Exception:
+                    log.exception("logging filter %r failed", f)
         if self.closed:
             return
         if self.close_after:
