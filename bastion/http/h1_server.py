@@ -1104,8 +1104,10 @@ class ClientConnection(asyncio.Protocol):
     def write_local_wire(self, ex, response) -> None:
         """A local response whose header lines are prebuilt (a cache hit): one write, nothing rebuilt."""
         whole = response.whole
-        if (whole is not None and ex.request_complete and not self.close_after and ex.keep_alive
-                and ex.http_version == "1.1" and ex.method != b"HEAD" and not self.upgrading
+        if (whole is not None
+                # a remembered head is a complete HTTP/1.1 keep-alive request
+                and (ex.known is not None or (ex.request_complete and ex.keep_alive and ex.http_version == "1.1"))
+                and ex.method != b"HEAD" and not self.close_after and not self.upgrading
                 and not self.worker.draining):
             # the common case, written in one piece as it was prepared
             ex.bytes_out += len(response.body)

@@ -11,6 +11,7 @@ from bisect import bisect_left
 from time import monotonic
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_FIRST_BUCKET = BUCKETS[0]
 UPSTREAM_ERRORS = frozenset(
     {"connect_refused", "connect_error", "connect_timeout", "upstream_reset", "upstream_reset_midway",
      "upstream_timeout", "invalid_response", "no_server", "circuit_open", "tls_error"}
@@ -70,7 +71,7 @@ class Metrics:
         status = ex.status
         counts.status[_STATUS_INDEX[status] if status < 600 else 6] += 1
         duration = (ex.end or monotonic()) - ex.start
-        counts.buckets[bisect_left(BUCKETS, duration)] += 1
+        counts.buckets[0 if duration <= _FIRST_BUCKET else bisect_left(BUCKETS, duration)] += 1
         counts.total += duration
         if ex.retries:
             counts.retries += ex.retries
