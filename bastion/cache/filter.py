@@ -494,14 +494,10 @@ class HttpCache:
             self._release(state)
         if state.finished:
             return None
-        now = time()
-        if entry is not None and now < entry.fresh_until and not entry.needs_check and (
-                b"authorization" not in client or entry.auth_ok):
-            self.counts["hit"] += 1
-            return self._answer(ex, entry, now, client, self.name + b"; hit; ttl=%d; collapsed"
-                                % int(entry.fresh_until - now))
-        self._go_upstream(ex, state)
-        return None
+        answer = self._collapsed_answer(ex, entry, client)
+        if answer is None:
+            self._go_upstream(ex, state)
+        return answer
 
     async def _wait(self, ex, key: bytes, future, client: dict):
         """Collapsing: wait (bounded) for the request already fetching this key, then answer from what it
@@ -523,13 +519,19 @@ class HttpCache:
             entry = self.disk.get(key, lambda names: _variant(names, ex.headers), MEMORY_OBJECT_MAX)
             if entry is not None and entry.body is not None:
                 self.store.put(entry)
+        answer = self._collapsed_answer(ex, entry, client)
+        if answer is None:
+            self.counts["miss"] += 1
+        return answer
+
+    def _collapsed_answer(self, ex, entry: Entry | None, client: dict) -> Response | None:
+        """The answer from what the request this one waited for stored, when it may be used; else None."""
         now = time()
         if entry is not None and now < entry.fresh_until and not entry.needs_check and (
                 b"authorization" not in client or entry.auth_ok):
             self.counts["hit"] += 1
             return self._answer(ex, entry, now, client, self.name + b"; hit; ttl=%d; collapsed"
                                 % int(entry.fresh_until - now))
-        self.counts["miss"] += 1
         return None
 
     def _bypass(self, ex, detail: bytes):
