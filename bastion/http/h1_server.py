@@ -103,7 +103,6 @@ class ClientConnection(asyncio.Protocol):
         "resp_chunked",
         "requests",
         "head_read",
-        "known_request",
         "known_heads",
         "deadline",
         "deadline_kind",
@@ -154,7 +153,6 @@ class ClientConnection(asyncio.Protocol):
         self.resp_chunked = False
         self.requests = 0
         self.head_read = None
-        self.known_request = None  # the remembered head the active exchange came from, if it did
         self.known_heads = runtime.known_requests if scheme == "http" else runtime.known_requests_https
         self.deadline = 0.0
         self.deadline_kind = DL_NONE
@@ -334,7 +332,6 @@ class ClientConnection(asyncio.Protocol):
                     # a remembered head: what on_message_begin, on_headers_complete and on_message_complete
                     # would give (inline here: this is the hot path)
                     ex = Exchange(self, monotonic(), self.client_ip, self.scheme, known)
-                    self.known_request = known
                     self.requests += 1
                     if self.requests >= self.limits.requests_per_connection:
                         self.close_after = True
@@ -384,7 +381,6 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------------------
     def on_message_begin(self):
-        self.known_request = None
         now = monotonic()
         ex = Exchange(self, now, self.client_ip, self.scheme)
         self.parsing = ex
@@ -774,8 +770,8 @@ class ClientConnection(asyncio.Protocol):
             up.pause()
 
     def _build_upstream_head(self, ex) -> bytes:
-        known = self.known_request
-        if known is not None and ex is self.active and tuple(ex.headers) == known.headers:
+        known = ex.known
+        if known is not None and tuple(ex.headers) == known.headers:
             # a remembered request head whose fields the filters left as they were: its lines are written
             # out (remembered heads have no body, Upgrade or Connection)
             end = b"Connection: close\r\n\r\n" if ex.peer.max_idle == 0 else b"\r\n"
