@@ -325,24 +325,29 @@ class ClientConnection(asyncio.Protocol):
             heads = self.known_heads
             if heads.paused:
                 heads.paused -= 1
+                known = None
             else:
                 known = heads.entries.get(data)
-                if known is not None:
-                    heads.hits += 1
-                    # a remembered head: what on_message_begin, on_headers_complete and on_message_complete
-                    # would give (inline here: this is the hot path)
-                    ex = Exchange(self, monotonic(), self.client_ip, self.scheme, known)
-                    self.requests += 1
-                    if self.requests >= self.limits.requests_per_connection:
-                        self.close_after = True
-                    self.active = ex
-                    self.deadline = 0.0
-                    self.deadline_kind = DL_NONE
-                    # an answer given at once (a cache hit) sets the idle deadline in _end_exchange
-                    engine.start(self, ex, self.runtime)
-                    return
-                if data[-4:] == b"\r\n\r\n" and data.find(b"\r\n\r\n") == len(data) - 4:
-                    self.head_read = data  # one whole request head, nothing else: may be remembered
+            if known is not None:
+                heads.hits += 1
+            elif data[-4:] == b"\r\n\r\n" and data.find(b"\r\n\r\n") == len(data) - 4:
+                # one whole request head, nothing else: a remembered one with another target, or one to remember
+                known = heads.shaped(data, self.limits.request_line)
+                if known is None:
+                    self.head_read = data
+            if known is not None:
+                # a remembered head: what on_message_begin, on_headers_complete and on_message_complete
+                # would give (inline here: this is the hot path)
+                ex = Exchange(self, monotonic(), self.client_ip, self.scheme, known)
+                self.requests += 1
+                if self.requests >= self.limits.requests_per_connection:
+                    self.close_after = True
+                self.active = ex
+                self.deadline = 0.0
+                self.deadline_kind = DL_NONE
+                # an answer given at once (a cache hit) sets the idle deadline in _end_exchange
+                engine.start(self, ex, self.runtime)
+                return
         was_in_head = self.in_head
         try:
             self.parser.feed_data(data)
@@ -492,7 +497,7 @@ class ClientConnection(asyncio.Protocol):
             path = b"*"
         else:
             raise RequestRejected(400, "bad_target")
-        if b"/." in path:
+        if path.find(b"/.") >= 0:  # (not `in`: on bytes it first tries the operand as an int, and formats a TypeError)
             path = normalize_path(path)
         ex.path = path
         if self.host_count == 0:
@@ -500,7 +505,7 @@ class ClientConnection(asyncio.Protocol):
                 raise RequestRejected(400, "missing_host")
         else:
             host = ex.host_header.strip().lower()
-            if host.endswith(b"]") or b":" not in host:
+            if host.endswith(b"]") or host.find(b":") < 0:
                 ex.host = host
             else:
                 ex.host = host.rpartition(b":")[0]
@@ -539,7 +544,7 @@ class ClientConnection(asyncio.Protocol):
                 and not ex.expect_continue and not ex.content_length and not ex.chunked and self.host_count == 1
                 and ex.target[:1] == b"/" and self.active is None):
             lines = b"".join([name + b": " + value + b"\r\n" for name, value in ex.headers])
-            self.known_heads.remember(data, KnownRequest(ex, lines))
+            self.known_heads.remember_request(data, KnownRequest(ex, lines))
 
     def _absolute_form(self, ex, target: bytes) -> bytes:
         rest = target.split(b"://", 1)[1]

@@ -6,6 +6,13 @@ the parse result is taken from here instead of from the parser's callbacks (Clie
 UpstreamConnection). Identical bytes parse identically, so nothing is skipped but the parsing itself:
 every phase and filter still runs.
 
+Many clients repeat their header fields but not their request target (an API client asking for one
+item after another, a crawler). So request heads are also remembered by their shape: the method and the
+fields, without the target. A head of a known shape whose target is plain (origin-form, only the characters of RFC 3986's
+unreserved, sub-delims, ':', '@', '/', '?' and '%', no longer than the request-line limit) takes what
+parsing the remembered head gave, with its own target, path and query; any other target goes to the
+parser.
+
 Remembering costs a little on each new head; for traffic whose heads do not repeat, that is pure loss.
 So each table counts its hits: when a full table (SIZE heads) was hit fewer times than it holds, it is
 emptied and nothing is looked up or remembered for the next PAUSE heads, then it tries again.
@@ -13,8 +20,15 @@ emptied and nothing is looked up or remembered for the next PAUSE heads, then it
 
 from __future__ import annotations
 
+from bastion.http.paths import normalize_path
+
 SIZE = 256
 PAUSE = 4096
+
+# A plain request target: these bytes only (RFC 3986's unreserved and sub-delims, ':', '@', '/', '?', '%').
+# translate() maps every other byte to 0, so `0 in target.translate(_PLAIN)` finds any.
+_PLAIN_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/?%"
+_PLAIN = bytes(c if c in _PLAIN_BYTES else 0 for c in range(256))
 
 
 class KnownHeads:
@@ -58,3 +72,73 @@ class KnownRequest:
         self.incoming_request_id = ex.incoming_request_id
         self.lines = lines  # the header lines as Bastion writes them to a backend
         self.memo: dict = {}
+
+    def retarget(self, target: bytes) -> KnownRequest:
+        """The same head with another plain origin-form target (see KnownRequests.shaped)."""
+        other = _new_known(KnownRequest)
+        other.method = self.method
+        other.target = target
+        path, _, other.query = target.partition(b"?")
+        if path.find(b"/.") >= 0:  # (not `in`: see ClientConnection._take_headers)
+            path = normalize_path(path)
+        other.path = path
+        other.host_header = self.host_header
+        other.host = self.host
+        other.headers = self.headers
+        other.raw_headers = self.raw_headers
+        other.via_proxy = self.via_proxy
+        other.incoming_request_id = self.incoming_request_id
+        other.lines = self.lines
+        other.memo = {}  # a memo may hold what the target decides (a cache key): not shared
+        return other
+
+
+_new_known = object.__new__
+
+
+def split_head(head: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """(method, target, the fields after the request line) of a head whose request line is
+    "METHOD SP target SP HTTP/1.1", else None."""
+    line, _, fields = head.partition(b"\r\n")
+    parts = line.split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+        return None
+    return parts[0], parts[1], fields
+
+
+class KnownRequests(KnownHeads):
+    """Request heads seen before: whole (in `entries`), and by shape (in `shapes`, see the module's doc)."""
+
+    __slots__ = ("shapes",)
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = KnownHeads()
+
+    def shaped(self, head: bytes, max_target: int) -> KnownRequest | None:
+        """What parsing `head` (one whole request head) gives, when a head of its shape (its method and
+        fields) was remembered and its target is plain; otherwise None, and the parser decides."""
+        shapes = self.shapes
+        if shapes.paused:
+            shapes.paused -= 1
+            return None
+        split = split_head(head)
+        if split is None:
+            return None
+        method, target, fields = split
+        template = shapes.entries.get(fields)
+        if (template is None or template.method != method or target[:1] != b"/" or len(target) > max_target
+                or 0 in target.translate(_PLAIN)):
+            return None
+        shapes.hits += 1
+        return template.retarget(target)
+
+    def remember_request(self, head: bytes, known: KnownRequest) -> None:
+        """Remember a parsed head whole and by shape (each table unless it is paused)."""
+        if not self.paused:
+            self.remember(head, known)
+        shapes = self.shapes
+        if not shapes.paused:
+            split = split_head(head)
+            if split is not None:
+                shapes.remember(split[2], known)  # by its fields; the method is checked on a hit

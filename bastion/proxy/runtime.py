@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bastion.config.schema import Config
-from bastion.http.known_heads import KnownHeads
+from bastion.http.known_heads import KnownRequests
 
 
 class CompiledRoute:
@@ -98,8 +98,8 @@ class Runtime:
     cache: object = None  # bastion.cache.runtime.CacheRuntime when a route caches
     # Request heads seen before, byte for byte, with what parsing them gave (bastion/http/known_heads.py)
     # (one table per scheme: a remembered head's memo may hold what depends on it, such as a cache key)
-    known_requests: KnownHeads = field(default_factory=KnownHeads)
-    known_requests_https: KnownHeads = field(default_factory=KnownHeads)
+    known_requests: KnownRequests = field(default_factory=KnownRequests)
+    known_requests_https: KnownRequests = field(default_factory=KnownRequests)
     # Some route passes WebSocket to an HTTP/1.1 upstream: HTTP/2 clients are offered extended CONNECT
     # (RFC 8441, SETTINGS_ENABLE_CONNECT_PROTOCOL) to open WebSockets over HTTP/2.
     websocket_over_h2: bool = False

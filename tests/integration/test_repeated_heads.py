@@ -232,3 +232,90 @@ def test_a_repeated_head_keeps_its_cache_key_per_scheme(bastion, backend, tmp_pa
     got = statuses(plain_socket, 2)
     assert "fwd=uri-miss" in got[0] and got[1].startswith("Bastion; hit"), got
     assert statuses(tls_socket, 1)[0].startswith("Bastion; hit")
+
+
+# -- heads with the fields of one seen before and another target (KnownRequests.shaped) ----------------------
+def test_heads_that_differ_only_in_their_target_are_each_routed_and_forwarded_as_sent(bastion, backend):
+    """The same fields with other targets take the remembered head's parse, with each request's own target:
+    its route, rewrite, dot-segment normalisation, query and access-log line."""
+    b = bastion({"routes": [{"name": "api", "match": {"path": {"prefix": "/api/"}}, "rewrite": {"strip_prefix": "/api"},
+                             "upstream": {"servers": [backend.address]}},
+                            {"name": "other", "upstream": {"servers": [backend.address]}}]})
+    fields = b"Host: app.example\r\nX-Keep: k\r\n\r\n"
+    targets = [b"/api/echo/one", b"/api/echo/two?q=1&r=%41", b"/echo/three", b"/api/echo/a/./b/../c",
+               b"/echo/x?y=/..", b"/api/echo/one"]
+    got = echoed(b.port, [b"GET " + target + b" HTTP/1.1\r\n" + fields for target in targets])
+    assert [seen["path"] for _, seen in got] == ["/echo/one", "/echo/two?q=1&r=%41", "/echo/three", "/echo/a/c",
+                                                 "/echo/x?y=/..", "/echo/one"]
+    for _, seen in got:
+        values = {n.lower(): v for n, v in seen["headers"]}
+        assert values["host"] == "app.example" and values["x-keep"] == "k"
+    log = b.wait_access_log(6)
+    assert [line["route"] for line in log] == ["api", "api", "other", "api", "other", "api"]
+    assert [line["target"] for line in log] == [t.decode() for t in targets]
+
+
+def test_heads_that_differ_only_in_their_target_have_cache_keys_of_their_own(bastion, backend):
+    """A filter's memo belongs to one target: the cache must not answer one URL with another's entry."""
+    b = bastion({"routes": [{"upstream": {"servers": [backend.address]}, "cache": True}]})
+    fields = b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    paths = [b"/cache/shape-a?cc=max-age%3D60", b"/cache/shape-b?cc=max-age%3D60", b"/cache/shape-a?cc=max-age%3D60",
+             b"/cache/shape-b?cc=max-age%3D60", b"/cache/shape-c?cc=max-age%3D60"]
+    got = responses(b.port, [b"GET " + path + fields for path in paths])
+    statuses = [next(line for line in head.split(b"\r\n") if line.startswith(b"Cache-Status")) for head, _ in got]
+    assert [b"hit" in status for status in statuses] == [False, False, True, True, False], statuses
+    assert [body for _, body in got] == [b"/cache/shape-a #1", b"/cache/shape-b #1", b"/cache/shape-a #1",
+                                         b"/cache/shape-b #1", b"/cache/shape-c #1"]
+
+
+def answer_after(port: int, first: bytes | None, request: bytes) -> tuple[bytes, bool]:
+    """The answer to `request` on a new connection (after `first`, answered in full, when given), and
+    whether the connection was closed after it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        buffer = b""
+        if first is not None:
+            s.sendall(first)
+            _, buffer = read_response(s, buffer)
+        s.sendall(request)
+        s.settimeout(3)
+        data = buffer
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except socket.timeout:
+            return data, False
+        return data, True
+
+
+def test_a_target_that_is_not_plain_is_left_to_the_parser(bastion, backend):
+    """After a head of the same shape was remembered, a target with other bytes, or one over the request-line
+    limit, gets exactly what it gets on a fresh connection: the parser's answer."""
+    b = bastion({"limits": {"request_line": 64}, "routes": [{"upstream": {"servers": [backend.address]}}]})
+    fields = b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    first = b"GET /echo/first" + fields
+    for target in (b"/echo/a\x01b", b"/echo/a\x7fb", b"/echo/\xc3\xa9", b"/echo/" + b"a" * 80, b"echo/relative"):
+        fresh, fresh_closed = answer_after(b.port, None, b"GET " + target + fields)
+        after, after_closed = answer_after(b.port, first, b"GET " + target + fields)
+        status = fresh.split(b"\r\n", 1)[0]
+        assert status.startswith(b"HTTP/1.1 4"), (target, status)
+        assert after.split(b"\r\n", 1)[0] == status and after_closed == fresh_closed is True, (target, after[:80])
+    # a target the parser accepts but that is not plain for Bastion is forwarded as the parser gave it
+    quoted = echoed(b.port, [first, b'GET /echo/q"x' + fields])
+    assert quoted[1][1]["path"] == '/echo/q"x'
+
+
+def test_a_head_of_the_same_fields_with_another_method_is_parsed_for_it(bastion, backend):
+    b = bastion({"routes": [{"upstream": {"servers": [backend.address]}}]})
+    fields = b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", b.port), timeout=10) as s:
+        s.sendall(b"GET /echo/a" + fields)
+        _, buffer = read_response(s, b"")
+        s.sendall(b"HEAD /echo/b" + fields)
+        while b"\r\n\r\n" not in buffer:
+            buffer += s.recv(65536)
+        head, _, rest = buffer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and rest == b""
+        s.sendall(b"GET /echo/c" + fields)  # the connection is in step: no body was left behind the HEAD answer
+        response, _ = read_response(s, b"")
+    log = b.wait_access_log(3)
+    assert [line["method"] for line in log] == ["GET", "HEAD", "GET"]
