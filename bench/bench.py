@@ -34,6 +34,8 @@ SECONDS = 2 if QUICK else int(os.environ.get("BENCH_SECONDS", "5"))
 PROXY_CPU = "0"
 LOAD_CPU = "1" if (os.cpu_count() or 1) > 1 else "0"
 PROXIES = ("bastion", "nginx", "haproxy")
+# The Python floor: bench/bare_forwarder.py, measured beside the proxies in the pass-through scenarios
+WITH_FLOOR = PROXIES + ("floor",)
 
 
 def free_port() -> int:
@@ -216,6 +218,11 @@ listeners:
         while not children(p.proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         self.workers["bastion"] = children(p.proc.pid)[0]
+        port = free_port()
+        p = self.start("floor", [str(PYTHON), str(ROOT / "bench" / "bare_forwarder.py"), str(port), str(self.backend)],
+                       PROXY_CPU, port)
+        self.ports["floor"] = port
+        self.workers["floor"] = p.proc.pid
         self.bastion_has_cache = (ROOT / "examples" / "bench-cache.yaml").exists()
         if self.bastion_has_cache:
             # The cache scenario runs against its own Bastion (examples/bench-cache.yaml), so the other
@@ -387,22 +394,34 @@ def main() -> int:
 
         # 1. pass-through, keep-alive, 50 connections
         print("1. 1 KiB pass-through, 50 keep-alive connections ...", flush=True)
-        for n in PROXIES:  # warm up pools and caches
+        for n in WITH_FLOOR:  # warm up pools and caches
             bench.wrk(f"http://127.0.0.1:{bench.ports[n]}/1k", seconds=1)
-        runs = per_proxy(lambda n: bench.wrk(f"http://127.0.0.1:{bench.ports[n]}/1k", pid=bench.workers[n]))
+        runs = per_proxy(lambda n: bench.wrk(f"http://127.0.0.1:{bench.ports[n]}/1k", pid=bench.workers[n]), WITH_FLOOR)
         direct = [bench.wrk(f"http://127.0.0.1:{bench.backend}/1k") for _ in range(RUNS)]
         sc["passthrough"] = {n: {k: median_spread([r[k] for r in runs[n]]) for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req")}
-                             | {"errors": sum(r["errors"] for r in runs[n])} for n in PROXIES}
+                             | {"errors": sum(r["errors"] for r in runs[n])} for n in WITH_FLOOR}
         sc["passthrough"]["direct"] = {k: median_spread([r[k] for r in direct]) for k in ("rps", "p50_ms", "p99_ms")}
 
-        # 1b. the same with a request head that never repeats: wrk sends one head over and over, which
-        # Bastion recognises (bastion/http/known_heads.py); clients with varied heads do not get that
-        print("1b. 1 KiB pass-through, every request head different ...", flush=True)
+        # 1b. the same with a target that never repeats: wrk sends one head over and over, which Bastion
+        # recognises (bastion/http/known_heads.py); an API client asking for one item after another repeats
+        # its fields with another target, which Bastion recognises by the head's shape
+        print("1b. 1 KiB pass-through, every request target different ...", flush=True)
         unique = bench.tmp / "unique.lua"
         unique.write_text('local n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format("GET", "/1k?n=" .. n)\nend\n')
-        runs = per_proxy(lambda n: bench.wrk(f"http://127.0.0.1:{bench.ports[n]}/1k", script=str(unique), pid=bench.workers[n]))
+        runs = per_proxy(lambda n: bench.wrk(f"http://127.0.0.1:{bench.ports[n]}/1k", script=str(unique), pid=bench.workers[n]),
+                         WITH_FLOOR)
         sc["passthrough_unique"] = {n: {k: median_spread([r[k] for r in runs[n]]) for k in ("rps", "cpu_us_per_req")}
-                                    for n in PROXIES}
+                                    for n in WITH_FLOOR}
+
+        # 1c. ... and a header field that never repeats either: every head goes through the parser
+        print("1c. 1 KiB pass-through, every request head different (target and a field) ...", flush=True)
+        fresh = bench.tmp / "fresh.lua"
+        fresh.write_text('local n = 0\nrequest = function()\n  n = n + 1\n'
+                         '  return wrk.format("GET", "/1k?n=" .. n, {["X-Seq"] = tostring(n)})\nend\n')
+        runs = per_proxy(lambda n: bench.wrk(f"http://127.0.0.1:{bench.ports[n]}/1k", script=str(fresh), pid=bench.workers[n]),
+                         WITH_FLOOR)
+        sc["passthrough_fresh"] = {n: {k: median_spread([r[k] for r in runs[n]]) for k in ("rps", "cpu_us_per_req")}
+                                   for n in WITH_FLOOR}
 
         # 2. added latency at a fixed moderate rate (half of nginx's maximum)
         rate = sc["passthrough"]["nginx"]["rps"]["median"] / 2
@@ -508,8 +527,12 @@ def report(results: dict) -> None:
     row("  p99 latency (ms)", "p99", {k: p[k]["p99_ms"] for k in PROXIES}, 2, True)
     row("  proxy CPU per request (µs)", "cpu", {k: p[k]["cpu_us_per_req"] for k in PROXIES}, 1, True)
     u = sc["passthrough_unique"]
-    row("same, unique request heads req/s", "", {k: u[k]["rps"] for k in PROXIES})
+    row("same, every target different req/s", "", {k: u[k]["rps"] for k in PROXIES})
     row("  proxy CPU per request (µs)", "", {k: u[k]["cpu_us_per_req"] for k in PROXIES}, 1, True)
+    f = sc.get("passthrough_fresh")
+    if f:
+        row("same, every head different req/s", "", {k: f[k]["rps"] for k in PROXIES})
+        row("  proxy CPU per request (µs)", "", {k: f[k]["cpu_us_per_req"] for k in PROXIES}, 1, True)
     a = sc["added_latency"]
     row(f"added p50 at {a['rate']:.0f} req/s (ms)", "", {k: a[k]["p50_ms"] for k in PROXIES}, 3, True)
     row(f"added p99 at {a['rate']:.0f} req/s (ms)", "", {k: a[k]["p99_ms"] for k in PROXIES}, 3, True)
@@ -534,6 +557,17 @@ def report(results: dict) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
     errors = {k: p[k]["errors"] for k in PROXIES}
     print(f"\nwrk errors in pass-through runs: {errors}. Direct to backend: {fmt(p['direct']['rps'])} req/s.")
+    if "floor" in p:
+        # the same forwarder for every kind of head: it does no work per field
+        floor = p["floor"]["cpu_us_per_req"]
+        kinds = (("repeated heads", "passthrough"), ("every target different", "passthrough_unique"),
+                 ("every head different", "passthrough_fresh"))
+        above = "; ".join(
+            f"{label} {sc[key]['bastion']['cpu_us_per_req']['median'] - sc[key]['floor']['cpu_us_per_req']['median']:.1f} µs"
+            for label, key in kinds if key in sc)
+        print(f"Python floor (bench/bare_forwarder.py: uvloop + httptools, no proxy work): {fmt(floor, 1)} µs of CPU "
+              f"per request; nginx/floor {ratio(floor, p['nginx']['cpu_us_per_req'], invert=True)}. "
+              f"Bastion's CPU per request above the floor: {above}.")
     print("Ratios: higher is better for Bastion (for latency, CPU and memory they are inverted, peer/Bastion).")
     print("Spread: (min–max) over the interleaved runs.")
     waf = sc.get("waf") or {}

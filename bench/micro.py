@@ -1,12 +1,13 @@
 """In-process micro-benchmark of the HTTP/1.1 hot path: a client connection and a pooled backend
 connection driven with fake transports, so only Bastion's own Python work is measured (no sockets,
-no kernel). Usage: python bench/micro.py [N] [--profile] [--defaults] [--log] [--cache] [--h2] [--varied]
+no kernel). Usage: python bench/micro.py [N] [--profile] [--defaults] [--log] [--cache] [--h2] [--varied] [--targets]
 
 By default the route is configured as `make bench` runs it (examples/bench.yaml: no forwarding headers, no
 access log); --defaults measures Bastion's default forwarding headers and request id instead; --cache
 measures cache hits (examples/bench-cache.yaml: the response is stored once, then every request is a hit);
---varied makes every request head and every response head differ from the last thousand (other paths, other
-ETags), so neither is one Bastion has seen before (see docs/performance.md, "Repeated heads"); --h2 measures
+--varied makes every request head and every response head differ from the last thousand (other paths and
+User-Agents, other ETags), so neither is one Bastion has seen before (see docs/performance.md, "Repeated
+heads"); --targets makes only the request target differ (Bastion knows such a head by its shape); --h2 measures
 HTTP/2 (h2c): a client connection gets h2load's pattern, 10 streams per read, each proxied over
 its own pooled backend connection; the time counted is the server side's only."""
 
@@ -103,7 +104,8 @@ def main() -> None:
         upstream.data_received(RESPONSE)
 
     if "--varied" in sys.argv:
-        requests = [REQUEST.replace(b"/index.html", b"/index%d.html" % i) for i in range(1000)]
+        requests = [REQUEST.replace(b"/index.html", b"/index%d.html" % i).replace(b"wrk", b"wrk/%d" % i)
+                     for i in range(1000)]
         responses = [RESPONSE.replace(b'"abc-400"', b'"abc-%d"' % i) for i in range(1000)]
         turn = [0]
 
@@ -111,6 +113,15 @@ def main() -> None:
             i = turn[0] = (turn[0] + 1) % 1000
             client.data_received(requests[i])
             upstream.data_received(responses[i])
+
+    if "--targets" in sys.argv:
+        requests = [REQUEST.replace(b"/index.html", b"/index%d.html" % i) for i in range(1000)]
+        turn = [0]
+
+        def one():  # noqa: F811
+            i = turn[0] = (turn[0] + 1) % 1000
+            client.data_received(requests[i])
+            upstream.data_received(RESPONSE)
 
     if "--cache" in sys.argv:
         from email.utils import formatdate
