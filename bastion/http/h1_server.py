@@ -333,7 +333,7 @@ class ClientConnection(asyncio.Protocol):
             elif data[-4:] == b"\r\n\r\n" and data.find(b"\r\n\r\n") == len(data) - 4:
                 # one whole request head, nothing else: a remembered one with another target, or one to remember
                 known = heads.shaped(data, self.limits.request_line)
-                if known is None:
+                if known is None and not (heads.paused and heads.shapes.paused):
                     self.head_read = data
             if known is not None:
                 # a remembered head: what on_message_begin, on_headers_complete and on_message_complete
