@@ -8,10 +8,10 @@ every phase and filter still runs.
 
 Many clients repeat their header fields but not their request target (an API client asking for one
 item after another, a crawler). So request heads are also remembered by their shape: the method and the
-fields, without the target. A head of a known shape whose target is plain (origin-form, only the characters of RFC 3986's
-unreserved, sub-delims, ':', '@', '/', '?' and '%', no longer than the request-line limit) takes what
-parsing the remembered head gave, with its own target, path and query; any other target goes to the
-parser.
+fields, without the target. A head of a known shape whose target is plain (origin-form, only the
+characters of RFC 3986's unreserved, sub-delims, ':', '@', '/', '?' and '%', no longer than the
+request-line limit) takes what parsing the remembered head gave, with its own target, path and query;
+any other target goes to the parser.
 
 Remembering costs a little on each new head; for traffic whose heads do not repeat, that is pure loss.
 So each table counts its hits: when a full table (SIZE heads) was hit fewer times than it holds, it is
