@@ -75,25 +75,13 @@ class KnownRequest:
 
     def retarget(self, target: bytes) -> KnownRequest:
         """The same head with another plain origin-form target (see KnownRequests.shaped)."""
-        other = _new_known(KnownRequest)
-        other.method = self.method
+        other = KnownRequest(self, self.lines)  # every field as here (a fresh memo: it may depend on the target)
         other.target = target
         path, _, other.query = target.partition(b"?")
         if path.find(b"/.") >= 0:  # (not `in`: see ClientConnection._take_headers)
             path = normalize_path(path)
         other.path = path
-        other.host_header = self.host_header
-        other.host = self.host
-        other.headers = self.headers
-        other.raw_headers = self.raw_headers
-        other.via_proxy = self.via_proxy
-        other.incoming_request_id = self.incoming_request_id
-        other.lines = self.lines
-        other.memo = {}  # a memo may hold what the target decides (a cache key): not shared
         return other
-
-
-_new_known = object.__new__
 
 
 def split_head(head: bytes) -> tuple[bytes, bytes, bytes] | None:
