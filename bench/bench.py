@@ -402,26 +402,26 @@ def main() -> int:
                              | {"errors": sum(r["errors"] for r in runs[n])} for n in WITH_FLOOR}
         sc["passthrough"]["direct"] = {k: median_spread([r[k] for r in direct]) for k in ("rps", "p50_ms", "p99_ms")}
 
+        def varied(name: str, lua: str) -> dict:
+            """Scenario 1 with a wrk Lua script that varies the requests."""
+            script = bench.tmp / name
+            script.write_text(lua)
+            runs = per_proxy(lambda n: bench.wrk(f"http://127.0.0.1:{bench.ports[n]}/1k", script=str(script),
+                                                 pid=bench.workers[n]), WITH_FLOOR)
+            return {n: {k: median_spread([r[k] for r in runs[n]]) for k in ("rps", "cpu_us_per_req")} for n in WITH_FLOOR}
+
         # 1b. the same with a target that never repeats: wrk sends one head over and over, which Bastion
         # recognises (bastion/http/known_heads.py); an API client asking for one item after another repeats
         # its fields with another target, which Bastion recognises by the head's shape
         print("1b. 1 KiB pass-through, every request target different ...", flush=True)
-        unique = bench.tmp / "unique.lua"
-        unique.write_text('local n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format("GET", "/1k?n=" .. n)\nend\n')
-        runs = per_proxy(lambda n: bench.wrk(f"http://127.0.0.1:{bench.ports[n]}/1k", script=str(unique), pid=bench.workers[n]),
-                         WITH_FLOOR)
-        sc["passthrough_unique"] = {n: {k: median_spread([r[k] for r in runs[n]]) for k in ("rps", "cpu_us_per_req")}
-                                    for n in WITH_FLOOR}
+        sc["passthrough_unique"] = varied(
+            "unique.lua", 'local n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format("GET", "/1k?n=" .. n)\nend\n')
 
         # 1c. ... and a header field that never repeats either: every head goes through the parser
         print("1c. 1 KiB pass-through, every request head different (target and a field) ...", flush=True)
-        fresh = bench.tmp / "fresh.lua"
-        fresh.write_text('local n = 0\nrequest = function()\n  n = n + 1\n'
+        sc["passthrough_fresh"] = varied(
+            "fresh.lua", 'local n = 0\nrequest = function()\n  n = n + 1\n'
                          '  return wrk.format("GET", "/1k?n=" .. n, {["X-Seq"] = tostring(n)})\nend\n')
-        runs = per_proxy(lambda n: bench.wrk(f"http://127.0.0.1:{bench.ports[n]}/1k", script=str(fresh), pid=bench.workers[n]),
-                         WITH_FLOOR)
-        sc["passthrough_fresh"] = {n: {k: median_spread([r[k] for r in runs[n]]) for k in ("rps", "cpu_us_per_req")}
-                                   for n in WITH_FLOOR}
 
         # 2. added latency at a fixed moderate rate (half of nginx's maximum)
         rate = sc["passthrough"]["nginx"]["rps"]["median"] / 2
@@ -558,7 +558,6 @@ def report(results: dict) -> None:
     errors = {k: p[k]["errors"] for k in PROXIES}
     print(f"\nwrk errors in pass-through runs: {errors}. Direct to backend: {fmt(p['direct']['rps'])} req/s.")
     if "floor" in p:
-        # the same forwarder for every kind of head: it does no work per field
         floor = p["floor"]["cpu_us_per_req"]
         kinds = (("repeated heads", "passthrough"), ("every target different", "passthrough_unique"),
                  ("every head different", "passthrough_fresh"))
