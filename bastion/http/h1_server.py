@@ -776,11 +776,18 @@ class ClientConnection(asyncio.Protocol):
 
     def _build_upstream_head(self, ex) -> bytes:
         known = ex.known
-        if known is not None and tuple(ex.headers) == known.headers:
+        if known is not None and ex.headers == known.headers:
             # a remembered request head whose fields the filters left as they were: its lines are written
-            # out (remembered heads have no body, Upgrade or Connection)
-            end = b"Connection: close\r\n\r\n" if ex.peer.max_idle == 0 else b"\r\n"
-            return ex.method + b" " + ex.upstream_target() + b" HTTP/1.1\r\n" + known.lines + end
+            # out (remembered heads have no body, Upgrade or Connection), and the whole head is kept for
+            # the next time, when nothing a filter may change was changed
+            if ex.peer.max_idle == 0:
+                return ex.method + b" " + ex.upstream_target() + b" HTTP/1.1\r\n" + known.lines + b"Connection: close\r\n\r\n"
+            if ex.upstream_path is None and ex.path is known.path and ex.query is known.query and ex.method is known.method:
+                head = known.upstream_head
+                if head is None:
+                    head = known.upstream_head = ex.method + b" " + ex.upstream_target() + b" HTTP/1.1\r\n" + known.lines + b"\r\n"
+                return head
+            return ex.method + b" " + ex.upstream_target() + b" HTTP/1.1\r\n" + known.lines + b"\r\n"
         parts = [ex.method, b" ", ex.upstream_target(), b" HTTP/1.1\r\n"]
         for name, value in ex.headers:
             parts.append(name)
@@ -847,11 +854,73 @@ class ClientConnection(asyncio.Protocol):
         self.resp_chunked = chunked
         self.resp_started = True
         known = up.known_head
-        if known is not None and self.writes_h1 and (not ex.route.on_response or tuple(ex.response_headers_raw) == known[1]):
+        if known is not None and self.writes_h1 and (not ex.route.on_response or ex.response_headers_raw == known[1]):
             # a known backend head that the response filters left as it was: its lines are written out
             self._write_head_lines(ex, known[4], chunked)
             return
         self._write_head(ex, ex.response_headers_raw, chunked, status == 101)
+
+    def upstream_known(self, up, known, data: bytes, end: int) -> None:
+        """A whole response from the backend whose head is known (see UpstreamConnection.data_received):
+        upstream_head, upstream_body and upstream_complete in one, for the common case; anything else
+        takes those three as for a parsed response."""
+        ex = self.active
+        route = ex.route
+        status = known[0]
+        if status >= 502 or route.on_response_body or ex.upgrade is not None or not ex.request_complete or not self.writes_h1:
+            self.out = out = []
+            up.report_known(self, known, data, end)
+            if self.out is out:
+                self.out = None
+            if out and not self.closed:
+                self.transport.write(b"".join(out))
+            return
+        ex.status = status
+        ex.response_headers_raw = list(known[1])  # filters may change the list they are given
+        if route.on_response:
+            if engine.run_response_filters(ex) is not None:
+                # a filter's answer in place of the backend's: the body is dropped, the answer goes out
+                self.upstream_complete(up, known[3])
+                return
+            if ex.response_headers_raw != known[1]:
+                self._write_head(ex, ex.response_headers_raw, False)
+                head = b""
+            else:
+                head = status_line(ex.status) + known[4] + self._head_end(ex)
+        else:
+            head = status_line(status) + known[4] + self._head_end(ex)
+        self.resp_started = True
+        # (resp_chunked stays False: a known head has a Content-Length)
+        if len(data) > end:
+            body = data[end:]
+            ex.bytes_out += len(body)
+            head += body
+        if head and not self.closed:
+            self.transport.write(head)
+        # upstream_complete, for a backend connection that owes nothing more
+        self.upstream = None
+        self.upstream_ready = False
+        now = monotonic()
+        ex.upstream_time = now - ex.upstream_start
+        up.owner = None
+        up.deadline = 0.0
+        if up.paused:
+            up.resume()
+        if ex.attempting:
+            ex.attempting = False
+            peer = ex.peer
+            peer.active -= 1
+            group = route.upstream
+            group.active -= 1
+            if group.watch_success:
+                group.record_success(peer, ex.status, ex.upstream_time, now)
+            elif peer.fails:
+                peer.fails = 0
+        if known[3] and up.alive:
+            ex.peer.release(up, now)
+        else:
+            up.close()
+        self._end_exchange(ex, now)
 
     def _write_head_lines(self, ex, lines: bytes, chunked: bool) -> None:
         """_write_head for header lines written out before (a known backend head; never an upgrade)."""

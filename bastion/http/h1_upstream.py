@@ -75,7 +75,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.seen_reads = 0
         self.read_timeout = 60.0
         self.between = True  # no response begun: the next read starts with a response head
-        self.known_head = None  # while a known head is handed to the client side (see _known_response)
+        self.known_head = None  # while a known head is handed to the client side (see report_known)
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------
     def connection_made(self, transport):
@@ -123,13 +123,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             owner.tunnel_from_upstream(data)
             return
-        # Everything for the client while this read is parsed leaves in one write (see ClientConnection.out).
-        owner.out = out = []
-        try:
+        end = 0
+        if self.between and not self.head_request:
             heads = self.peer.known_heads
-            if heads.paused and self.between:
+            if heads.paused:
                 heads.paused -= 1
-            elif self.between and not self.head_request:
+            else:
                 # A whole response in one read whose head is byte for byte one this backend sent before
                 # (bastion/http/known_heads.py): what parsing that head gave is known, so the parser is
                 # skipped; it stays between messages for the next read.
@@ -138,14 +137,15 @@ class UpstreamConnection(asyncio.Protocol):
                     known = heads.entries.get(data[:end])
                     if known is not None and len(data) - end == known[2]:
                         heads.hits += 1
-                        self._known_response(owner, known, data, end)
+                        owner.upstream_known(self, known, data, end)
                         return
-                    self.parser.feed_data(data)
-                    if (self.between and self.head_done and len(data) - end == self.content_length
-                            and 200 <= self.status < 300 and data[9:12] == b"%d" % self.status):
-                        self._remember_head(data[:end])  # (the status check: not an interim 1xx head before it)
-                    return
+        # Everything for the client while this read is parsed leaves in one write (see ClientConnection.out).
+        owner.out = out = []
+        try:
             self.parser.feed_data(data)
+            if (end > 3 and self.between and self.head_done and len(data) - end == self.content_length
+                    and 200 <= self.status < 300 and data[9:12] == b"%d" % self.status):
+                self._remember_head(data[:end])  # (the status check: not an interim 1xx head before it)
         except HttpParserUpgrade as upgrade:
             rest = data[upgrade.args[0] :]
             if self.status == 101 and self.owner is not None:
@@ -167,7 +167,7 @@ class UpstreamConnection(asyncio.Protocol):
             if out and not owner.closed:
                 owner.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def _known_response(self, owner, known, data: bytes, end: int) -> None:
+    def report_known(self, owner, known, data: bytes, end: int) -> None:
         """The callbacks' work for a known head (see data_received), with the same calls to the owner."""
         self.status, headers, self.content_length, self.keep_alive, _ = known
         self.known_head = known
@@ -185,7 +185,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _remember_head(self, head: bytes) -> None:
         headers = self.headers
         lines = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
-        self.peer.known_heads.remember(head, (self.status, tuple(headers), self.content_length, self.keep_alive, lines))
+        # (the list is never changed: an exchange takes a copy, and compares with it)
+        self.peer.known_heads.remember(head, (self.status, list(headers), self.content_length, self.keep_alive, lines))
 
     # -- httptools callbacks ---------------------------------------------------------------------------
     def on_message_begin(self):

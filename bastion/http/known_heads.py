@@ -57,7 +57,7 @@ class KnownRequest:
     cache key, say), under a key of its own, and find it again the next time the head arrives."""
 
     __slots__ = ("method", "target", "path", "query", "host_header", "host", "headers", "raw_headers",
-                 "via_proxy", "incoming_request_id", "lines", "memo")
+                 "via_proxy", "incoming_request_id", "lines", "upstream_head", "memo")
 
     def __init__(self, ex, lines: bytes):
         self.method = ex.method
@@ -66,11 +66,12 @@ class KnownRequest:
         self.query = ex.query
         self.host_header = ex.host_header
         self.host = ex.host
-        self.headers = tuple(ex.headers)
+        self.headers = list(ex.headers)  # never changed: an exchange takes a copy, and compares with it
         self.raw_headers = tuple(ex.raw_headers)
         self.via_proxy = ex.via_proxy
         self.incoming_request_id = ex.incoming_request_id
         self.lines = lines  # the header lines as Bastion writes them to a backend
+        self.upstream_head: bytes | None = None  # the whole head to a keep-alive backend, once written out
         self.memo: dict = {}
 
     def retarget(self, target: bytes) -> KnownRequest:
