@@ -877,18 +877,21 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.status = status
         ex.response_headers_raw = list(known[1])  # filters may change the list they are given
+        changed = False
         if route.on_response:
             if engine.run_response_filters(ex) is not None:
                 # a filter's answer in place of the backend's: the body is dropped, the answer goes out
                 self.upstream_complete(up, known[3])
                 return
-            if ex.response_headers_raw != known[1]:
-                self._write_head(ex, ex.response_headers_raw, False)
-                head = b""
-            else:
-                head = status_line(ex.status) + known[4] + self._head_end(ex)
+            changed = ex.response_headers_raw != known[1]
+        if changed:
+            self._write_head(ex, ex.response_headers_raw, False)
+            head = b""
+        elif (ex.status == status and ex.keep_alive and ex.http_version == "1.1" and not self.close_after
+                and not self.worker.draining):
+            head = known[5]  # the whole head, as _head_end would end it
         else:
-            head = status_line(status) + known[4] + self._head_end(ex)
+            head = status_line(ex.status) + known[4] + self._head_end(ex)
         self.resp_started = True
         # (resp_chunked stays False: a known head has a Content-Length)
         if len(data) > end:

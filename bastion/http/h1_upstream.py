@@ -12,6 +12,8 @@ import ssl
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from bastion.http.headers import status_line
+
 
 # Response framing as the client side needs to know it.
 FRAMING_LENGTH = 0  # Content-Length given
@@ -169,7 +171,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def report_known(self, owner, known, data: bytes, end: int) -> None:
         """The callbacks' work for a known head (see data_received), with the same calls to the owner."""
-        self.status, headers, self.content_length, self.keep_alive, _ = known
+        self.status, headers, self.content_length, self.keep_alive = known[:4]
         self.known_head = known
         self.chunked = False
         self.head_done = True
@@ -186,7 +188,9 @@ class UpstreamConnection(asyncio.Protocol):
         headers = self.headers
         lines = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
         # (the list is never changed: an exchange takes a copy, and compares with it)
-        self.peer.known_heads.remember(head, (self.status, list(headers), self.content_length, self.keep_alive, lines))
+        status = self.status
+        whole = status_line(status) + lines + b"\r\n"  # the head to a keep-alive HTTP/1.1 client
+        self.peer.known_heads.remember(head, (status, list(headers), self.content_length, self.keep_alive, lines, whole))
 
     # -- httptools callbacks ---------------------------------------------------------------------------
     def on_message_begin(self):

@@ -84,6 +84,39 @@ def test_a_repeated_head_is_framed_for_an_http10_client_too(bastion):
         canned.close()
 
 
+def test_a_repeated_head_changed_by_response_filters_is_written_as_changed_each_time(bastion):
+    canned = RecordingServer(response=CANNED)
+    try:
+        b = bastion({"routes": [{"response_headers": {"set": {"Cache-Control": "no-store"}, "remove": ["X-App"]},
+                                 "upstream": {"servers": [canned.address]}}]})
+        got = responses(b.port, [b"GET /r%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(5)])
+        assert canned.connections == 1
+        for head, body in got:
+            lines = [line.lower() for line in head.split(b"\r\n")]
+            assert lines[0] == b"http/1.1 200 ok" and body == b"hello"
+            assert lines.count(b"cache-control: no-store") == 1 and b"x-app: 1" not in lines
+            assert [line for line in lines if line.startswith(b"content-length")] == [b"content-length: 5"]
+    finally:
+        canned.close()
+
+
+def test_a_pipelined_answer_made_at_once_follows_a_repeated_backend_head(bastion):
+    """The backend's (known) answer to the first request goes out before Bastion's own answer to the
+    second one, which is ready as soon as the first is over."""
+    canned = RecordingServer(response=CANNED)
+    try:
+        b = bastion({"routes": [{"match": {"path": {"prefix": "/app/"}}, "upstream": {"servers": [canned.address]}}]})
+        assert [body for _, body in responses(b.port, [b"GET /app/1 HTTP/1.1\r\nHost: x\r\n\r\n"] * 2)] == [b"hello"] * 2
+        with socket.create_connection(("127.0.0.1", b.port), timeout=10) as s:
+            s.sendall(b"GET /app/2 HTTP/1.1\r\nHost: x\r\n\r\nGET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n")
+            first, buffer = read_response(s, b"")
+            second, _ = read_response(s, buffer)
+        assert first.startswith(b"HTTP/1.1 200") and first.endswith(b"\r\n\r\nhello")
+        assert second.startswith(b"HTTP/1.1 404")
+    finally:
+        canned.close()
+
+
 # -- request heads a client repeats ----------------------------------------------------------------------------
 
 
