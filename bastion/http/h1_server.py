@@ -860,7 +860,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._write_head(ex, ex.response_headers_raw, chunked, status == 101)
 
-    def upstream_known(self, up, known, data: bytes, end: int) -> None:
+    def upstream_known(self, up, known, body: bytes) -> None:
         """A whole response from the backend whose head is known (see UpstreamConnection.data_received):
         upstream_head, upstream_body and upstream_complete in one, for the common case; anything else
         takes those three as for a parsed response."""
@@ -869,7 +869,7 @@ class ClientConnection(asyncio.Protocol):
         status = known[0]
         if status >= 502 or route.on_response_body or ex.upgrade is not None or not ex.request_complete or not self.writes_h1:
             self.out = out = []
-            up.report_known(self, known, data, end)
+            up.report_known(self, known, body)
             if self.out is out:
                 self.out = None
             if out and not self.closed:
@@ -894,8 +894,7 @@ class ClientConnection(asyncio.Protocol):
             head = status_line(ex.status) + known[4] + self._head_end(ex)
         self.resp_started = True
         # (resp_chunked stays False: a known head has a Content-Length)
-        if len(data) > end:
-            body = data[end:]
+        if body:
             ex.bytes_out += len(body)
             head += body
         if head and not self.closed:

@@ -125,7 +125,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             owner.tunnel_from_upstream(data)
             return
-        end = 0
+        head = None
         if self.between and not self.head_request:
             heads = self.peer.known_heads
             if heads.paused:
@@ -133,21 +133,24 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 # A whole response in one read whose head is byte for byte one this backend sent before
                 # (bastion/http/known_heads.py): what parsing that head gave is known, so the parser is
-                # skipped; it stays between messages for the next read.
-                end = data.find(b"\r\n\r\n") + 4
-                if end > 3:
-                    known = heads.entries.get(data[:end])
-                    if known is not None and len(data) - end == known[2]:
+                # skipped; it stays between messages for the next read. (partition, not find: find parses
+                # its arguments the slow way.)
+                head, blank, body = data.partition(b"\r\n\r\n")
+                if blank:
+                    known = heads.entries.get(head)
+                    if known is not None and len(body) == known[2]:
                         heads.hits += 1
-                        owner.upstream_known(self, known, data, end)
+                        owner.upstream_known(self, known, body)
                         return
+                else:
+                    head = None
         # Everything for the client while this read is parsed leaves in one write (see ClientConnection.out).
         owner.out = out = []
         try:
             self.parser.feed_data(data)
-            if (end > 3 and self.between and self.head_done and len(data) - end == self.content_length
+            if (head is not None and self.between and self.head_done and len(body) == self.content_length
                     and 200 <= self.status < 300 and data[9:12] == b"%d" % self.status):
-                self._remember_head(data[:end])  # (the status check: not an interim 1xx head before it)
+                self._remember_head(head)  # (the status check: not an interim 1xx head before it)
         except HttpParserUpgrade as upgrade:
             rest = data[upgrade.args[0] :]
             if self.status == 101 and self.owner is not None:
@@ -169,7 +172,7 @@ class UpstreamConnection(asyncio.Protocol):
             if out and not owner.closed:
                 owner.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def report_known(self, owner, known, data: bytes, end: int) -> None:
+    def report_known(self, owner, known, body: bytes) -> None:
         """The callbacks' work for a known head (see data_received), with the same calls to the owner."""
         self.status, headers, self.content_length, self.keep_alive = known[:4]
         self.known_head = known
@@ -180,11 +183,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.known_head = None
         if self.owner is owner:
             if self.content_length:
-                owner.upstream_body(data[end:])
+                owner.upstream_body(body)
             if self.owner is owner:
                 owner.upstream_complete(self, self.keep_alive)
 
     def _remember_head(self, head: bytes) -> None:
+        """Remember a response head (without its blank line) and what parsing it gave."""
         headers = self.headers
         lines = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
         # (the list is never changed: an exchange takes a copy, and compares with it)
