@@ -330,10 +330,13 @@ class ClientConnection(asyncio.Protocol):
                 known = heads.entries.get(data)
             if known is not None:
                 heads.hits += 1
-            elif data[-4:] == b"\r\n\r\n" and data.find(b"\r\n\r\n") == len(data) - 4:
-                # one whole request head, nothing else: a remembered one with another target, or one to remember
+            elif data[-4:] == b"\r\n\r\n":
+                # a whole request head: a remembered one with another target (a read with more after its
+                # first head cannot be: what is remembered is one whole head and nothing else), or one to
+                # remember, when it is the only thing in the read
                 known = heads.shaped(data, self.limits.request_line)
-                if known is None and not (heads.paused and heads.shapes.paused):
+                if (known is None and not (heads.paused and heads.shapes.paused)
+                        and data.find(b"\r\n\r\n") == len(data) - 4):
                     self.head_read = data
             if known is not None:
                 # a remembered head: what on_message_begin, on_headers_complete and on_message_complete

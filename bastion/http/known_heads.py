@@ -111,13 +111,15 @@ class KnownRequests(KnownHeads):
         if shapes.paused:
             shapes.paused -= 1
             return None
-        split = split_head(head)
-        if split is None:
-            return None
-        method, target, fields = split
+        line, _, fields = head.partition(b"\r\n")  # (split_head, inline)
         template = shapes.entries.get(fields)
-        if (template is None or template.method != method or target[:1] != b"/" or len(target) > max_target
-                or 0 in target.translate(_PLAIN)):
+        if template is None:
+            return None
+        parts = line.split(b" ")
+        if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+            return None
+        method, target, _ = parts
+        if template.method != method or target[:1] != b"/" or len(target) > max_target or 0 in target.translate(_PLAIN):
             return None
         shapes.hits += 1
         return template.retarget(target)

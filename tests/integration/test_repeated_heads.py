@@ -352,3 +352,19 @@ def test_a_head_of_the_same_fields_with_another_method_is_parsed_for_it(bastion,
         response, _ = read_response(s, b"")
     log = b.wait_access_log(3)
     assert [line["method"] for line in log] == ["GET", "HEAD", "GET"]
+
+
+def test_two_heads_in_one_read_are_two_requests_each_time(bastion, backend):
+    """A read with a second head after the first (pipelining) is never taken for one remembered head, whole
+    or by shape, however often it comes."""
+    b = bastion({"routes": [{"upstream": {"servers": [backend.address]}}]})
+    fields = b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", b.port), timeout=10) as s:
+        buffer = b""
+        s.sendall(b"GET /echo/one" + fields)  # remembered, whole and by its shape
+        _, buffer = read_response(s, buffer)
+        for round in range(3):
+            s.sendall(b"GET /echo/one" + fields + b"GET /echo/two" + fields)
+            first, buffer = read_response(s, buffer)
+            second, buffer = read_response(s, buffer)
+            assert b'"/echo/one"' in first and b'"/echo/two"' in second, (round, first[-80:], second[-80:])
