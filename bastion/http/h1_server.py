@@ -336,7 +336,7 @@ class ClientConnection(asyncio.Protocol):
                 # remember, when it is the only thing in the read
                 known = heads.shaped(data, self.limits.request_line)
                 if (known is None and not (heads.paused and heads.shapes.paused)
-                        and data.find(b"\r\n\r\n") == len(data) - 4):
+                        and not data.partition(b"\r\n\r\n")[2]):
                     self.head_read = data
             if known is not None:
                 # a remembered head: what on_message_begin, on_headers_complete and on_message_complete
@@ -500,7 +500,9 @@ class ClientConnection(asyncio.Protocol):
             path = b"*"
         else:
             raise RequestRejected(400, "bad_target")
-        if path.find(b"/.") >= 0:  # (not `in`: on bytes it first tries the operand as an int, and formats a TypeError)
+        # (partition, not `in` or find: `in` on bytes first tries its operand as an int and formats a TypeError;
+        # find, endswith and the like parse their arguments through PyArg_ParseTuple; partition does neither)
+        if path.partition(b"/.")[1]:
             path = normalize_path(path)
         ex.path = path
         if self.host_count == 0:
@@ -508,10 +510,8 @@ class ClientConnection(asyncio.Protocol):
                 raise RequestRejected(400, "missing_host")
         else:
             host = ex.host_header.strip().lower()
-            if host.endswith(b"]") or host.find(b":") < 0:
-                ex.host = host
-            else:
-                ex.host = host.rpartition(b":")[0]
+            name, colon, _ = host.rpartition(b":")
+            ex.host = name if colon and host[-1:] != b"]" else host  # without its port
         self.requests += 1
         if self.requests >= self.limits.requests_per_connection:
             self.close_after = True

@@ -79,7 +79,7 @@ class KnownRequest:
         other = KnownRequest(self, self.lines)  # every field as here (a fresh memo: it may depend on the target)
         other.target = target
         path, _, other.query = target.partition(b"?")
-        if path.find(b"/.") >= 0:  # (not `in`: see ClientConnection._take_headers)
+        if path.partition(b"/.")[1]:  # (not `in` or find: see ClientConnection.on_headers_complete)
             path = normalize_path(path)
         other.path = path
         return other

@@ -100,6 +100,7 @@ def test_routing_by_host_path_method_header_priority(bastion, backend_factory):
     b = bastion({"routes": [
         {"name": "exact", "match": {"host": "app.example", "path": "/echo"}, "upstream": up("exact")},
         {"name": "wild", "match": {"host": "*.example.org"}, "upstream": up("wild")},
+        {"name": "v6", "match": {"host": "[2001:db8::1]"}, "upstream": up("wild")},
         {"name": "prefix", "match": {"path": "/api/"}, "upstream": up("prefix")},
         {"name": "regex", "match": {"path": {"regex": "^/v[0-9]+/"}}, "upstream": up("regex")},
         {"name": "post", "match": {"methods": ["POST"]}, "upstream": up("post")},
@@ -118,6 +119,8 @@ def test_routing_by_host_path_method_header_priority(bastion, backend_factory):
     assert who("/other", {"Host": "app.example"}) == "default"
     assert who("/x", {"Host": "a.b.example.org"}) == "wild"
     assert who("/x", {"Host": "example.org"}) == "default"
+    assert who("/x", {"Host": "[2001:db8::1]"}) == who("/x", {"Host": "[2001:db8::1]:8080"}) == "wild"
+    assert who("/x", {"Host": "[2001:db8::2]:8080"}) == "default"
     assert who("/api/users") == "prefix"
     assert who("/api/special") == "prio"
     assert who("/v2/items") == "regex"
