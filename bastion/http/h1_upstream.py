@@ -120,9 +120,8 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes from an idle backend connection cannot belong to any request.
             self.close()
             return
-        self.got_bytes = True
-        self.reads += 1
         if self.tunnel:
+            self.reads += 1
             owner.tunnel_from_upstream(data)
             return
         head = None
@@ -140,10 +139,12 @@ class UpstreamConnection(asyncio.Protocol):
                     known = heads.entries.get(head)
                     if known is not None and len(body) == known[2]:
                         heads.hits += 1
-                        owner.upstream_known(self, known, body)
+                        owner.upstream_known(self, known, body)  # (the exchange ends in it)
                         return
                 else:
                     head = None
+        self.got_bytes = True
+        self.reads += 1
         # Everything for the client while this read is parsed leaves in one write (see ClientConnection.out).
         owner.out = out = []
         try:
