@@ -1,13 +1,14 @@
 """In-process micro-benchmark of the HTTP/1.1 hot path: a client connection and a pooled backend
 connection driven with fake transports, so only Bastion's own Python work is measured (no sockets,
-no kernel). Usage: python bench/micro.py [N] [--profile] [--defaults] [--log] [--cache] [--h2] [--varied] [--targets]
+no kernel). Usage: python bench/micro.py [N] [--profile] [--defaults] [--log] [--cache] [--h2] [--varied] [--targets] [--fresh]
 
 By default the route is configured as `make bench` runs it (examples/bench.yaml: no forwarding headers, no
 access log); --defaults measures Bastion's default forwarding headers and request id instead; --cache
 measures cache hits (examples/bench-cache.yaml: the response is stored once, then every request is a hit);
 --varied makes every request head and every response head differ from the last thousand (other paths and
 User-Agents, other ETags), so neither is one Bastion has seen before (see docs/performance.md, "Repeated
-heads"); --targets makes only the request target differ (Bastion knows such a head by its shape); --h2 measures
+heads"); --targets makes only the request target differ (Bastion knows such a head by its shape); --fresh makes the
+request head differ in its target and a field (as `make bench`'s scenario 1c) while the response repeats; --h2 measures
 HTTP/2 (h2c): a client connection gets h2load's pattern, 10 streams per read, each proxied over
 its own pooled backend connection; the time counted is the server side's only."""
 
@@ -114,8 +115,10 @@ def main() -> None:
             client.data_received(requests[i])
             upstream.data_received(responses[i])
 
-    if "--targets" in sys.argv:
+    if "--targets" in sys.argv or "--fresh" in sys.argv:
         requests = [REQUEST.replace(b"/index.html", b"/index%d.html" % i) for i in range(1000)]
+        if "--fresh" in sys.argv:
+            requests = [r.replace(b"\r\n\r\n", b"\r\nX-Seq: %d\r\n\r\n" % i) for i, r in enumerate(requests)]
         turn = [0]
 
         def one():  # noqa: F811
