@@ -866,19 +866,15 @@ class ClientConnection(asyncio.Protocol):
     def upstream_known(self, up, known, body: bytes) -> None:
         """A whole response from the backend whose head is known (see UpstreamConnection.data_received):
         upstream_head, upstream_body and upstream_complete in one, for the common case; anything else
-        takes those three as for a parsed response."""
+        takes those three as for a parsed response. (Known heads are 2xx: never retried for their status.)"""
         ex = self.active
         route = ex.route
-        status = known[0]
-        if status >= 502 or route.on_response_body or ex.upgrade is not None or not ex.request_complete or not self.writes_h1:
-            self.out = out = []
+        if route.on_response_body or ex.upgrade is not None or not ex.request_complete or not self.writes_h1:
+            self.out = []
             up.report_known(self, known, body)
-            if self.out is out:
-                self.out = None
-            if out and not self.closed:
-                self.transport.write(b"".join(out))
+            self._flush()
             return
-        ex.status = status
+        ex.status = status = known[0]
         ex.response_headers_raw = list(known[1])  # filters may change the list they are given
         changed = False
         if route.on_response:
