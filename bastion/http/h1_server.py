@@ -898,30 +898,7 @@ class ClientConnection(asyncio.Protocol):
             head += body
         if head and not self.closed:
             self.transport.write(head)
-        # upstream_complete, for a backend connection that owes nothing more
-        self.upstream = None
-        self.upstream_ready = False
-        now = monotonic()
-        ex.upstream_time = now - ex.upstream_start
-        up.owner = None
-        up.deadline = 0.0
-        if up.paused:
-            up.resume()
-        if ex.attempting:
-            ex.attempting = False
-            peer = ex.peer
-            peer.active -= 1
-            group = route.upstream
-            group.active -= 1
-            if group.watch_success:
-                group.record_success(peer, ex.status, ex.upstream_time, now)
-            elif peer.fails:
-                peer.fails = 0
-        if known[3] and up.alive:
-            ex.peer.release(up, now)
-        else:
-            up.close()
-        self._end_exchange(ex, now)
+        self._end_exchange(ex, self._upstream_done(ex, up, known[3]))
 
     def _write_head_lines(self, ex, lines: bytes, chunked: bool) -> None:
         """_write_head for header lines written out before (a known backend head; never an upgrade)."""
@@ -987,6 +964,19 @@ class ClientConnection(asyncio.Protocol):
                     self._send(tail)
         if self.resp_chunked:
             self._send(_CHUNK_END)
+        now = self._upstream_done(ex, up, reusable and ex.request_complete)
+        if not ex.request_complete:
+            # The backend answered before the body was in; the rest of it is not worth reading.
+            self.close_after = True
+            ex.discard_body = True
+        if ex.replacement is not None:
+            self.write_local_response(ex, ex.replacement.body)
+            return
+        self._end_exchange(ex, now)
+
+    def _upstream_done(self, ex, up, reusable: bool) -> float:
+        """The backend connection owes nothing more for this exchange: it is let go (to the pool when
+        `reusable`), and the attempt ends (in-flight counts, passive health). Returns the time."""
         self.upstream = None
         self.upstream_ready = False
         now = monotonic()
@@ -1005,18 +995,11 @@ class ClientConnection(asyncio.Protocol):
                 group.record_success(peer, ex.status, ex.upstream_time, now)
             elif peer.fails:
                 peer.fails = 0
-        if reusable and ex.request_complete and up.alive:
+        if reusable and up.alive:
             ex.peer.release(up, now)
         else:
             up.close()
-        if not ex.request_complete:
-            # The backend answered before the body was in; the rest of it is not worth reading.
-            self.close_after = True
-            ex.discard_body = True
-        if ex.replacement is not None:
-            self.write_local_response(ex, ex.replacement.body)
-            return
-        self._end_exchange(ex, now)
+        return now
 
     def upstream_failed(self, up, reason: str) -> None:
         ex = self.active
