@@ -783,14 +783,16 @@ class ClientConnection(asyncio.Protocol):
             # a remembered request head whose fields the filters left as they were: its lines are written
             # out (remembered heads have no body, Upgrade or Connection), and the whole head is kept for
             # the next time, when nothing a filter may change was changed
-            if ex.peer.max_idle == 0:
-                return ex.method + b" " + ex.upstream_target() + b" HTTP/1.1\r\n" + known.lines + b"Connection: close\r\n\r\n"
-            if ex.upstream_path is None and ex.path is known.path and ex.query is known.query and ex.method is known.method:
-                head = known.upstream_head
-                if head is None:
-                    head = known.upstream_head = ex.method + b" " + ex.upstream_target() + b" HTTP/1.1\r\n" + known.lines + b"\r\n"
-                return head
-            return ex.method + b" " + ex.upstream_target() + b" HTTP/1.1\r\n" + known.lines + b"\r\n"
+            keep_alive = ex.peer.max_idle != 0
+            kept = (keep_alive and ex.upstream_path is None and ex.path is known.path and ex.query is known.query
+                    and ex.method is known.method)
+            if kept and known.upstream_head is not None:
+                return known.upstream_head
+            head = (ex.method + b" " + ex.upstream_target() + b" HTTP/1.1\r\n" + known.lines
+                    + (b"\r\n" if keep_alive else b"Connection: close\r\n\r\n"))
+            if kept:
+                known.upstream_head = head
+            return head
         parts = [ex.method, b" ", ex.upstream_target(), b" HTTP/1.1\r\n"]
         for name, value in ex.headers:
             parts.append(name)
