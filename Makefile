@@ -5,18 +5,30 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-deps bench venv clean
+.PHONY: run test test-deps bench venv compiled clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,compile]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
 
-run: venv
+# The hot path compiled with mypyc (tools/compile.py): rebuilt when one of its sources changes. A C compiler and
+# the Python headers are installed when missing.
+COMPILED_SOURCES := $(wildcard bastion/http/*.py bastion/proxy/*.py bastion/upstream/*.py bastion/observability/*.py)
+COMPILED_STAMP := $(VENV)/.compiled
+$(COMPILED_STAMP): $(STAMP) $(COMPILED_SOURCES) bastion/__init__.py tools/compile.py tools/compile.ini
+	@command -v gcc >/dev/null && $(BIN)/python -c "import sysconfig,os,sys; sys.exit(not os.path.exists(sysconfig.get_paths()['include']+'/Python.h'))" \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev python3-dev; }
+	$(BIN)/python tools/compile.py build_ext --inplace > $(VENV)/compile.log 2>&1 || { tail -20 $(VENV)/compile.log; exit 1; }
+	@touch $@
+
+compiled: $(COMPILED_STAMP)
+
+run: compiled
 	./examples/run-demo.sh
 
 # Everything the tests need that is not a Python package: installed when missing.
@@ -27,11 +39,12 @@ test-deps: venv
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  (systemctl stop dnsmasq || service dnsmasq stop || true) >/dev/null 2>&1; fi
 
-test: test-deps
+test: test-deps compiled
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-bench: venv
+bench: compiled
 	bash bench/run.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+	find bastion -name '*.so' -delete

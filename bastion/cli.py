@@ -94,7 +94,9 @@ def _cmd_reload(args) -> int:
 
 
 def _cmd_version(args) -> int:
-    print(f"bastion {__version__}")
+    from bastion.server.master import _version
+
+    print(f"bastion {_version()}")
     return 0
 
 

@@ -382,7 +382,7 @@ def main() -> int:
         print(f"Setting up (temporary files in {bench.tmp}) ...", flush=True)
         bench.setup()
         print(f"Pinning: proxies on CPU {PROXY_CPU}; wrk, h2load, curl and the backend on CPU {LOAD_CPU}. "
-              f"{RUNS} interleaved run(s) of {SECONDS} s per figure.\n", flush=True)
+              f"{RUNS} interleaved run(s) of {SECONDS} s per figure. {versions()['bastion']}.\n", flush=True)
         sc = results["scenarios"]
 
         def per_proxy(fn, names=PROXIES):

@@ -13,8 +13,10 @@ import asyncio
 from time import monotonic
 import logging
 from collections import deque
+from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
+from mypy_extensions import mypyc_attr
 
 from bastion.http import h2_upstream
 from bastion.http.h1_upstream import (
@@ -30,6 +32,11 @@ from bastion.http.known_heads import KnownRequest
 from bastion.proxy import engine
 from bastion.proxy.exchange import Exchange, FileBody
 from bastion.http.paths import normalize_path
+from bastion.proxy.runtime import CompiledRoute
+from bastion.upstream.pool import Peer, UpstreamGroup
+
+if TYPE_CHECKING:
+    from bastion.proxy.runtime import Runtime
 
 log = logging.getLogger("bastion.http")
 
@@ -69,6 +76,7 @@ class RequestRejected(Exception):
         self.reason = reason
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "worker",
@@ -113,16 +121,16 @@ class ClientConnection(asyncio.Protocol):
         "out",
         "guard_slot",
         "drained",
+        "writes_h1",
     )
-    writes_h1 = True  # its answers are HTTP/1.1 heads (an HTTP/2 stream writes frames)
 
     waits_for_proxy_header = False
 
-    def __init__(self, worker, runtime, listener=None):
+    def __init__(self, worker: Any, runtime: Runtime, listener: Any = None) -> None:
         self.worker = worker
         self.runtime = runtime
         self.listener = listener
-        self.tls_client = False  # the verified client certificate's (subject, fingerprint), once asked
+        self.tls_client: Any = False  # the verified client certificate's (subject, fingerprint), once asked
         scheme = listener.scheme if listener is not None else "http"
         self.loop = worker.loop
         config = runtime.config
@@ -130,13 +138,15 @@ class ClientConnection(asyncio.Protocol):
         self.max_headers = config.limits.header_count
         self.timeouts = runtime.timeouts
         self.scheme = scheme
-        self.transport = None
-        self.parser = None
+        self.transport: Any = None
+        self.parser: Any = None
         self.client_ip = ""
-        self.parsing: Exchange | None = None
-        self.active: Exchange | None = None
-        self.queue: deque | None = None
-        self.upstream: UpstreamConnection | None = None
+        # State that the calls a method makes may change under it is typed Any: mypy (and so mypyc) would
+        # otherwise take a value assigned before a call as still there after it (see docs/performance.md).
+        self.parsing: Any = None  # an Exchange while a request head or body is being parsed
+        self.active: Any = None  # the Exchange being answered
+        self.queue: Any = None  # a deque of pipelined Exchanges
+        self.upstream: Any = None  # an UpstreamConnection, or an HTTP/2 backend stream (h2_upstream)
         self.upstream_ready = False
         self.url = b""
         self.in_head = False
@@ -144,7 +154,7 @@ class ClientConnection(asyncio.Protocol):
         self.raw_headers: list = _NO_HEADERS
         self.trailers: list = []
         self.host_count = 0
-        self.connection_tokens: bytes | None = None
+        self.connection_tokens: Any = None
         self.paused = 0
         self.write_paused = False
         self.close_after = False
@@ -152,17 +162,18 @@ class ClientConnection(asyncio.Protocol):
         self.resp_started = False
         self.resp_chunked = False
         self.requests = 0
-        self.head_read = None
+        self.head_read: Any = None
         self.known_heads = runtime.known_requests if scheme == "http" else runtime.known_requests_https
         self.deadline = 0.0
         self.deadline_kind = DL_NONE
         self.last_active = 0.0
-        self.tunnel: UpstreamConnection | None = None
-        self.tunnel_pending: list | None = None
+        self.tunnel: Any = None  # an UpstreamConnection, or an HTTP/2 backend stream
+        self.tunnel_pending: Any = None
         self.upgrading = False
-        self.out: list | None = None
+        self.out: Any = None
         self.guard_slot = -1  # this connection's place in the node's connection counters (security)
-        self.drained: asyncio.Future | None = None  # a file body waits here while the client is slow
+        self.writes_h1 = True  # its answers are HTTP/1.1 heads (an HTTP/2 stream writes frames)
+        self.drained: Any = None  # a file body waits here while the client is slow
 
     def client_certificate(self):
         """(subject, SHA-256 fingerprint) of the client's verified certificate, or None; read once."""
@@ -309,7 +320,7 @@ class ClientConnection(asyncio.Protocol):
         self._resume(PAUSE_UPSTREAM | PAUSE_TUNNEL)
 
     # -- incoming bytes ---------------------------------------------------------------------------------
-    def data_received(self, data: bytes):
+    def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
             self.last_active = monotonic()
             self.active.bytes_in += len(data)
@@ -672,9 +683,11 @@ class ClientConnection(asyncio.Protocol):
     def send_continue(self) -> None:
         self._send(_CONTINUE)
 
-    def forward(self, ex, peer) -> None:
+    def forward(self, ex: Exchange, peer: Peer) -> None:
         """Called by the engine once filters ran and a peer is chosen."""
-        if ex.route.upstream.http2:
+        route: CompiledRoute = ex.route
+        group: UpstreamGroup = route.upstream
+        if group.http2:
             h2_upstream.forward(self, ex, peer)
             return
         if not ex.request_complete:
@@ -733,7 +746,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._attach(ex, up, False)
 
-    def _attach(self, ex, up: UpstreamConnection, reused: bool, now: float = 0.0) -> None:
+    def _attach(self, ex: Exchange, up: UpstreamConnection, reused: bool, now: float = 0.0) -> None:
         self.upstream = up
         up.reused = reused
         up.owner = self
@@ -744,7 +757,8 @@ class ClientConnection(asyncio.Protocol):
         if not now:
             now = monotonic()
         ex.upstream_start = now
-        up.read_timeout = ex.route.try_timeout
+        route: CompiledRoute = ex.route
+        up.read_timeout = route.try_timeout
         up.deadline = now + up.read_timeout
         head = ex.upstream_head
         if head is None:
@@ -777,13 +791,14 @@ class ClientConnection(asyncio.Protocol):
         if self.write_paused:
             up.pause()
 
-    def _build_upstream_head(self, ex) -> bytes:
+    def _build_upstream_head(self, ex: Exchange) -> bytes:
         known = ex.known
         if known is not None and ex.headers == known.headers:
             # a remembered request head whose fields the filters left as they were: its lines are written
             # out (remembered heads have no body, Upgrade or Connection), and the whole head is kept for
             # the next time, when nothing a filter may change was changed
-            keep_alive = ex.peer.max_idle != 0
+            peer: Peer = ex.peer
+            keep_alive = peer.max_idle != 0
             kept = (keep_alive and ex.upstream_path is None and ex.path is known.path and ex.query is known.query
                     and ex.method is known.method)
             if kept and known.upstream_head is not None:
@@ -865,12 +880,12 @@ class ClientConnection(asyncio.Protocol):
             return
         self._write_head(ex, ex.response_headers_raw, chunked, status == 101)
 
-    def upstream_known(self, up, known, body: bytes) -> None:
+    def upstream_known(self, up: UpstreamConnection, known: tuple, body: bytes) -> None:
         """A whole response from the backend whose head is known (see UpstreamConnection.data_received):
         upstream_head, upstream_body and upstream_complete in one, for the common case; anything else
         takes those three as for a parsed response. (Known heads are 2xx: never retried for their status.)"""
-        ex = self.active
-        route = ex.route
+        ex: Exchange = self.active
+        route: CompiledRoute = ex.route
         if route.on_response_body or ex.upgrade is not None or not ex.request_complete or not self.writes_h1:
             self.out = []
             up.report_known(self, known, body)
@@ -976,7 +991,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._end_exchange(ex, now)
 
-    def _upstream_done(self, ex, up, reusable: bool) -> float:
+    def _upstream_done(self, ex: Exchange, up: Any, reusable: bool) -> float:
         """The backend connection owes nothing more for this exchange: it is let go (to the pool when
         `reusable`), and the attempt ends (in-flight counts, passive health). Returns the time."""
         self.upstream = None
@@ -989,16 +1004,18 @@ class ClientConnection(asyncio.Protocol):
             up.resume()
         if ex.attempting:
             ex.attempting = False
-            peer = ex.peer
+            peer: Peer = ex.peer
             peer.active -= 1
-            group = ex.route.upstream
+            route: CompiledRoute = ex.route
+            group: UpstreamGroup = route.upstream
             group.active -= 1
             if group.watch_success:
                 group.record_success(peer, ex.status, ex.upstream_time, now)
             elif peer.fails:
                 peer.fails = 0
         if reusable and up.alive:
-            ex.peer.release(up, now)
+            peer = ex.peer
+            peer.release(up, now)
         else:
             up.close()
         return now
@@ -1101,7 +1118,7 @@ class ClientConnection(asyncio.Protocol):
             engine.finish(ex)
 
     # -- local answers and the end of an exchange ----------------------------------------------------------
-    def write_local_response(self, ex, body: bytes) -> None:
+    def write_local_response(self, ex, body: bytes | FileBody) -> None:
         status = ex.status
         headers = ex.response_headers_raw
         if status >= 200 and status not in (204, 304):
@@ -1193,7 +1210,7 @@ class ClientConnection(asyncio.Protocol):
             self.close_after = True
         self._end_exchange(ex)
 
-    def _end_exchange(self, ex, now: float = 0.0) -> None:
+    def _end_exchange(self, ex: Exchange, now: float = 0.0) -> None:
         self.active = None
         self.resp_started = False
         self.resp_chunked = False

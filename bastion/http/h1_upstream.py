@@ -9,10 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from bastion.http.headers import status_line
+
+if TYPE_CHECKING:
+    from bastion.http.h1_server import ClientConnection
+    from bastion.upstream.pool import Peer
 
 
 # Response framing as the client side needs to know it.
@@ -53,11 +58,11 @@ class UpstreamConnection(asyncio.Protocol):
         "known_head",
     )
 
-    def __init__(self, peer):
+    def __init__(self, peer: Peer) -> None:
         self.peer = peer
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None
         self.parser = HttpResponseParser(self)
-        self.owner = None
+        self.owner: Any = None  # the ClientConnection this connection answers (see the note in ClientConnection)
         self.alive = True
         self.idle_since = 0.0
         self.reused = False
@@ -77,7 +82,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.seen_reads = 0
         self.read_timeout = 60.0
         self.between = True  # no response begun: the next read starts with a response head
-        self.known_head = None  # while a known head is handed to the client side (see report_known)
+        self.known_head: Any = None  # while a known head is handed to the client side (see report_known)
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------
     def connection_made(self, transport):
@@ -114,8 +119,8 @@ class UpstreamConnection(asyncio.Protocol):
         if owner is not None:
             owner.resume_reading_for_upstream()
 
-    def data_received(self, data):
-        owner = self.owner
+    def data_received(self, data: bytes) -> None:
+        owner: ClientConnection | None = self.owner
         if owner is None:
             # Bytes from an idle backend connection cannot belong to any request.
             self.close()
@@ -173,7 +178,7 @@ class UpstreamConnection(asyncio.Protocol):
             if out and not owner.closed:
                 owner.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def report_known(self, owner, known, body: bytes) -> None:
+    def report_known(self, owner: ClientConnection, known: tuple, body: bytes) -> None:
         """The callbacks' work for a known head (see data_received), with the same calls to the owner."""
         self.status, headers, self.content_length, self.keep_alive = known[:4]
         self.known_head = known

@@ -705,12 +705,13 @@ class H2Stream(ClientConnection):
         "conn", "stream_id", "pending", "pending_size", "ending", "head_pending", "response_trailers",
         "request_trailers", "unacked", "done", "held",
     )
-    writes_h1 = False
 
     def __init__(self, conn: H2ServerConnection, stream_id: int):
         # Every inherited attribute starts as on a new HTTP/1.1 connection (so code added to
         # ClientConnection finds its fields here too); then what differs for a stream.
         ClientConnection.__init__(self, conn.worker, conn.runtime, conn.listener)
+        # (set here, not as a class attribute: the compiled ClientConnection reads its own field)
+        self.writes_h1 = False
         self.transport = self
         self.client_ip = conn.client_ip
         self.write_paused = conn.write_paused

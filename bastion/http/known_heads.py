@@ -20,6 +20,8 @@ emptied and nothing is looked up or remembered for the next PAUSE heads, then it
 
 from __future__ import annotations
 
+from typing import Any
+
 from bastion.http.paths import normalize_path
 
 SIZE = 256
@@ -34,12 +36,12 @@ _PLAIN = bytes(c if c in _PLAIN_BYTES else 0 for c in range(256))
 class KnownHeads:
     __slots__ = ("entries", "hits", "paused")
 
-    def __init__(self):
-        self.entries: dict[bytes, tuple] = {}
+    def __init__(self) -> None:
+        self.entries: dict[bytes, Any] = {}
         self.hits = 0
         self.paused = 0  # heads still to let by without looking or remembering
 
-    def remember(self, head: bytes, parsed: tuple) -> None:
+    def remember(self, head: bytes, parsed: Any) -> None:
         entries = self.entries
         if len(entries) >= SIZE:
             entries.clear()
@@ -100,8 +102,8 @@ class KnownRequests(KnownHeads):
 
     __slots__ = ("shapes",)
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self) -> None:
+        KnownHeads.__init__(self)
         self.shapes = KnownHeads()
 
     def shaped(self, head: bytes, max_target: int) -> KnownRequest | None:
@@ -112,7 +114,7 @@ class KnownRequests(KnownHeads):
             shapes.paused -= 1
             return None
         line, _, fields = head.partition(b"\r\n")  # (split_head, inline)
-        template = shapes.entries.get(fields)
+        template: KnownRequest | None = shapes.entries.get(fields)
         if template is None:
             return None
         parts = line.split(b" ")

@@ -10,6 +10,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from time import monotonic
 
+from bastion.proxy.exchange import Exchange
+
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _FIRST_BUCKET = BUCKETS[0]
 UPSTREAM_ERRORS = frozenset(
@@ -47,7 +49,7 @@ class _Prom:
 class _RouteCounts:
     __slots__ = ("status", "buckets", "total", "errors", "retries")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.retries = 0
         self.status = [0] * 7  # by status // 100
         self.buckets = [0] * (len(BUCKETS) + 1)
@@ -56,16 +58,16 @@ class _RouteCounts:
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self) -> None:
         self.routes: dict = {}  # route object -> counts since the last flush
         self.gauges: dict[str, object] = {}
         self.groups: list = []
         self._ejections_seen: dict[int, int] = {}
         self._prom: _Prom | None = None
 
-    def logging(self, ex) -> None:
+    def logging(self, ex: Exchange) -> None:
         route = ex.route
-        counts = self.routes.get(route)
+        counts: _RouteCounts | None = self.routes.get(route)
         if counts is None:
             counts = self.routes[route] = _RouteCounts()
         status = ex.status

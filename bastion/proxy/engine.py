@@ -12,29 +12,35 @@ import asyncio
 import logging
 from inspect import isawaitable
 from time import monotonic
+from typing import TYPE_CHECKING
 
 from bastion.proxy.errors import error_response
-from bastion.proxy.exchange import Response
+from bastion.proxy.exchange import Exchange, Response
+from bastion.proxy.runtime import CompiledRoute, Runtime
+
+if TYPE_CHECKING:
+    from bastion.http.h1_server import ClientConnection
 
 log = logging.getLogger("bastion.proxy")
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
-def start(conn, ex, runtime) -> None:
+def start(conn: ClientConnection, ex: Exchange, runtime: Runtime) -> None:
     router = runtime.router
-    route = router.only  # one route that takes everything: no lookup
-    if route is None:
-        route = router.match(ex)
-    if route is None:
+    found = router.only  # one route that takes everything: no lookup
+    if found is None:
+        found = router.match(ex)
+    if found is None:
         # No route: the global request filters (bans, access lists, rate limits, ACME answers) still
         # run, then the fallback route, which has no upstream, answers 404 (see proceed_to_upstream).
-        route = runtime.fallback_route
-        if not route.on_request:
-            ex.route = route
+        found = runtime.fallback_route
+        if not found.on_request:
+            ex.route = found
             ex.error = "no_route"
             respond_error(conn, ex, 404)
             return
+    route: CompiledRoute = found
     ex.route = route
     if ex.content_length is not None and ex.content_length > route.body_limit:
         ex.error = "body_too_large"
@@ -104,7 +110,7 @@ async def _await_request_filter(conn, ex, route, awaitable, index: int) -> None:
         run_request_filters(conn, ex, route, index)
 
 
-def proceed_to_upstream(conn, ex, route) -> None:
+def proceed_to_upstream(conn: ClientConnection, ex: Exchange, route: CompiledRoute) -> None:
     group = route.upstream
     if group is None:
         if route.index < 0:  # the no-route fallback, after its request filters let the request through
@@ -236,7 +242,7 @@ def retry_after(group) -> int:
     return 1
 
 
-def run_response_filters(ex, replaceable: bool = True) -> Response | None:
+def run_response_filters(ex: Exchange, replaceable: bool = True) -> Response | None:
     """The response phase. For a backend's response (`replaceable`), a filter may answer with a Response in
     its place: it is returned and kept in `ex.replacement`, and later filters see it. Bastion's own answers
     are not replaced."""

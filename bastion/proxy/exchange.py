@@ -10,6 +10,7 @@ from bastion.http.headers import Headers
 if TYPE_CHECKING:
     from bastion.proxy.runtime import CompiledRoute
     from bastion.upstream.pool import Peer
+    from bastion.http.known_heads import KnownRequest
 
 
 _ID_PREFIX = [os.urandom(6).hex().encode()]
@@ -41,7 +42,7 @@ class Response:
         content_type: str | None = None,
     ):
         self.status = status
-        self.body = body.encode() if isinstance(body, str) else body
+        self.body: bytes | FileBody = body.encode() if isinstance(body, str) else body  # a FileBody: the disk cache
         items: list[tuple[bytes, bytes]] = []
         if isinstance(headers, list):
             items = list(headers)
@@ -128,7 +129,8 @@ class Exchange:
         "known",
     )
 
-    def __init__(self, conn, start: float, client_ip: str = "", scheme: str = "http", known=None):
+    def __init__(self, conn: Any, start: float, client_ip: str = "", scheme: str = "http",
+                 known: KnownRequest | None = None) -> None:
         self.conn = conn
         self.start = start
         self.client_ip = client_ip
@@ -141,9 +143,9 @@ class Exchange:
             self.host_header = b""
             self.host = b""
             self.headers: list[tuple[bytes, bytes]] = []
-            self.raw_headers: list[tuple[bytes, bytes]] = _NOTHING  # every field as received (read-only)
+            self.raw_headers: Any = _NOTHING  # every field as received (read-only)
             self.via_proxy = False
-            self.incoming_request_id: bytes | None = None
+            self.incoming_request_id: Any = None
             self.request_complete = False
         else:
             # a remembered request head (bastion.http.known_heads.KnownRequest): what parsing it gave
@@ -160,38 +162,40 @@ class Exchange:
             self.request_complete = True  # remembered heads have no body
         # The remembered head this request repeats, if any: filters may keep what they derive from the head
         # alone in its `memo`.
-        self.known = known
+        # (route, peer and known are set once, never back to None: typed, for the compiled hot path; other
+        # fields that calls may change are typed Any, see ClientConnection)
+        self.known: KnownRequest | None = known
         self.http_version = "1.1"
         self.keep_alive = True
-        self.upgrade: bytes | None = None
+        self.upgrade: Any = None
         self.expect_continue = False
-        self.content_length: int | None = None
+        self.content_length: Any = None
         self.chunked = False
-        self._request_id: bytes | None = None
+        self._request_id: Any = None
         self.route: CompiledRoute | None = None
         self.peer: Peer | None = None
-        self.upstream_path: bytes | None = None
+        self.upstream_path: Any = None
         self.status = 0
-        self.response_headers_raw: list[tuple[bytes, bytes]] = _NOTHING  # a list once there is a response
+        self.response_headers_raw: Any = _NOTHING  # a list once there is a response
         self.bytes_in = 0
         self.bytes_out = 0
         self.upstream_start = 0.0
-        self.upstream_time: float | None = None
-        self.error: str | None = None
-        self._state: dict | None = None
-        self.body_chunks: list[bytes] | None = None
+        self.upstream_time: Any = None
+        self.error: Any = None
+        self._state: Any = None
+        self.body_chunks: Any = None
         self.body_buffered = 0
         self.body_sent = False
         self.discard_body = False
         self.waiting_body = False
-        self.upstream_head: bytes | None = None
+        self.upstream_head: Any = None
         self.end = 0.0
         self.attempting = False
-        self.tried: list | None = None
+        self.tried: Any = None
         self.retries = 0
-        self.error_detail: str | None = None
-        self.replacement: Response | None = None  # a response filter's answer in place of the backend's
-        self.body_waiter = None  # (future, limit) while a filter awaits the whole body (read_body)
+        self.error_detail: Any = None
+        self.replacement: Any = None  # a response filter's answer in place of the backend's
+        self.body_waiter: Any = None  # (future, limit) while a filter awaits the whole body (read_body)
 
     # -- identity -------------------------------------------------------------------------------------
     @property

@@ -4,9 +4,15 @@ connections keep the runtime they were accepted under until they close."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mypy_extensions import mypyc_attr
 
 from bastion.config.schema import Config
 from bastion.http.known_heads import KnownRequests
+
+if TYPE_CHECKING:
+    from bastion.upstream.pool import UpstreamGroup
 
 
 class CompiledRoute:
@@ -39,9 +45,9 @@ class CompiledRoute:
         self.name = name
         self.index = index
         self.priority = priority
-        self.host_accepts = None
+        self.host_accepts: Any = None
         self.conditions: tuple = ()
-        self.upstream = None
+        self.upstream: UpstreamGroup | None = None
         self.filters: list = []
         self.on_request: tuple = ()
         self.on_upstream_request: tuple = ()
@@ -68,11 +74,12 @@ class CompiledRoute:
         return f"<route {self.name}>"
 
 
+@mypyc_attr(native_class=False)
 class PlainSettings:
     """The fields of a configuration section as plain attributes. Pydantic models answer attribute reads
     through a __getattr__ hook, which the interpreter cannot specialise: per-request code reads these."""
 
-    def __init__(self, model):
+    def __init__(self, model: Any) -> None:
         for name in type(model).model_fields:
             setattr(self, name, getattr(model, name))
 
@@ -81,21 +88,21 @@ class PlainSettings:
 class Runtime:
     config: Config
     source: str
-    router: object
+    router: Any
     routes: list
     upstream_groups: list
     fallback_route: CompiledRoute
     periodic: list = field(default_factory=list)
     closers: list = field(default_factory=list)
-    health_table: object = None
+    health_table: Any = None
     checked: list = field(default_factory=list)
-    metrics: object = None
+    metrics: Any = None
     listeners: dict = field(default_factory=dict)
     acme_names: list = field(default_factory=list)
     cert_files: list = field(default_factory=list)
-    security: object = None  # bastion.security.setup.SecuritySetup (bans for the admin API)
-    connection_guard: object = None  # asked by each accepted connection when connection-level limits are on
-    cache: object = None  # bastion.cache.runtime.CacheRuntime when a route caches
+    security: Any = None  # bastion.security.setup.SecuritySetup (bans for the admin API)
+    connection_guard: Any = None  # asked by each accepted connection when connection-level limits are on
+    cache: Any = None  # bastion.cache.runtime.CacheRuntime when a route caches
     # Request heads seen before, byte for byte, with what parsing them gave (bastion/http/known_heads.py)
     # (one table per scheme: a remembered head's memo may hold what depends on it, such as a cache key)
     known_requests: KnownRequests = field(default_factory=KnownRequests)

@@ -433,9 +433,9 @@ def _describe_exit(code: int) -> str:
 
 
 def _version() -> str:
-    from bastion import __version__
+    import bastion
 
-    return __version__
+    return f"{bastion.__version__} (hot path {'compiled' if bastion.COMPILED else 'interpreted'})"
 
 
 class _Formatter(logging.Formatter):

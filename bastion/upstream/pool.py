@@ -12,7 +12,7 @@ import logging
 import math
 from collections import deque
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bastion.http.headers import HOP_BY_HOP
 from bastion.http.known_heads import KnownHeads
@@ -63,7 +63,7 @@ class Peer:
         self.total_ejections = 0
         self.region: str | None = None
         self.zone: str | None = None
-        self.tls = None  # an ssl.SSLContext for https:// servers
+        self.tls: Any = None  # an ssl.SSLContext for https:// servers
         self.server_name: str | None = None
         self.window_requests = 0  # for error-rate ejection, reset every error_rate_window
         self.window_failures = 0
@@ -195,8 +195,9 @@ class UpstreamGroup:
         self.pending = 0  # requests waiting for a new connection
         self.active = 0  # requests in flight to this group, for circuit breaking
         self._refreshed = False
-        self.locality = None  # a LocalityChooser when the upstream is region-aware
-        self.locator = None
+        self.locality: Any = None  # a LocalityChooser when the upstream is region-aware
+        self.http2 = False
+        self.locator: Any = None
         self.refresh(monotonic())
 
     def _set_peers(self, peers: list[Peer]) -> None:
@@ -231,7 +232,7 @@ class UpstreamGroup:
         self.refresh(monotonic())
 
     # -- choosing -----------------------------------------------------------------------------------------
-    def select(self, exchange, tried: list | None = None) -> Peer | None:
+    def select(self, exchange: Any, tried: list | None = None) -> Peer | None:
         if self.locality is not None and self.available and self.available[0].backup is False:
             candidates = self.locality.candidates(exchange, self.locator, 0.0, tried)
             if candidates:

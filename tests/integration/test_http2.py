@@ -248,6 +248,20 @@ def test_curl_prior_knowledge_on_cleartext(bastion, backend):
     assert [line["status"] for line in log][:3] == [200, 200, 200]
 
 
+def test_a_repeated_request_gets_the_same_answer_every_time(bastion, backend):
+    # The same request and the same backend answer, one after the other on one connection: from the second time
+    # on, the backend's head is one Bastion has seen before (bastion.http.known_heads), and a stream must still
+    # get it as HTTP/2 frames. (Not with curl: 7.88 cannot reuse an h2c prior-knowledge connection.)
+    b = bastion(plain_config(backend))
+    client = H2Client(b.port)
+    try:
+        for _ in range(5):
+            r = client.wait(client.request("/bytes/1000"))
+            assert r["status"] == 200 and r["body"] == expected_bytes(1000)
+    finally:
+        client.close()
+
+
 def test_curl_h2_over_tls_alpn_with_bodies(bastion, backend, tls_files, tmp_path):
     cert, key, ca_file = tls_files
     port = free_port()
