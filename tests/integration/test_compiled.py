@@ -23,6 +23,7 @@ def version(env: dict) -> str:
 
 
 @pytest.mark.skipif(not BUILT, reason="`make compiled` builds the hot path (`make test` does)")
+@pytest.mark.skipif(bool(os.environ.get("BASTION_PURE")), reason="the suite runs interpreted (BASTION_PURE is set)")
 def test_the_compiled_hot_path_runs_and_the_sources_can_take_its_place(bastion, backend):
     assert "(hot path compiled)" in version({})
     assert "(hot path interpreted)" in version({"BASTION_PURE": "1"})
