@@ -103,7 +103,7 @@ class KnownRequests(KnownHeads):
     __slots__ = ("shapes",)
 
     def __init__(self) -> None:
-        KnownHeads.__init__(self)
+        super().__init__()
         self.shapes = KnownHeads()
 
     def shaped(self, head: bytes, max_target: int) -> KnownRequest | None:

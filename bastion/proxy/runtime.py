@@ -74,7 +74,7 @@ class CompiledRoute:
         return f"<route {self.name}>"
 
 
-@mypyc_attr(native_class=False)
+@mypyc_attr(native_class=False)  # its fields are the model's, set at run time: a plain Python class
 class PlainSettings:
     """The fields of a configuration section as plain attributes. Pydantic models answer attribute reads
     through a __getattr__ hook, which the interpreter cannot specialise: per-request code reads these."""

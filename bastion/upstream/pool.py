@@ -196,7 +196,7 @@ class UpstreamGroup:
         self.active = 0  # requests in flight to this group, for circuit breaking
         self._refreshed = False
         self.locality: Any = None  # a LocalityChooser when the upstream is region-aware
-        self.http2 = False
+        self.http2 = False  # HTTP/2 to the servers (set by bastion.config.compile)
         self.locator: Any = None
         self.refresh(monotonic())
 
