@@ -22,16 +22,19 @@ COMPILED_MODULES = (
 )
 
 
+def _source(name: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), *name.split(".")[1:]) + ".py"
+
+
 def _compiled_build_usable() -> bool:
     import glob
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    built = glob.glob(os.path.join(here, "_compiled__mypyc.*"))
+    built = glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_compiled__mypyc.*"))
     if not built or os.environ.get("BASTION_PURE"):
         return False
     oldest_build = os.path.getmtime(built[0])
     for name in COMPILED_MODULES:
-        source = os.path.join(here, *name.split(".")[1:]) + ".py"
+        source = _source(name)
         if not glob.glob(source[:-3] + ".cpython-*") or os.path.getmtime(source) > oldest_build:
             sys.stderr.write("bastion: the compiled hot path is older than its sources; running them interpreted"
                              " (`make compiled` rebuilds it)\n")
@@ -48,8 +51,7 @@ class _InterpretedHotPath:
             return None
         from importlib.util import spec_from_file_location
 
-        here = os.path.dirname(os.path.abspath(__file__))
-        return spec_from_file_location(name, os.path.join(here, *name.split(".")[1:]) + ".py")
+        return spec_from_file_location(name, _source(name))
 
 
 COMPILED = _compiled_build_usable()

@@ -5,6 +5,7 @@ The modules stay plain Python: compiling them makes their classes C structs and 
 C calls; their annotations become checks at run time. Without the build, or with BASTION_PURE=1, Bastion runs
 the same modules interpreted (see bastion/__init__.py and docs/performance.md, "The compiled hot path")."""
 
+import glob
 import os
 import sys
 
@@ -29,5 +30,5 @@ setup(
 # An unchanged source can leave an older extension in place; bastion/__init__.py compares times, so every part of
 # the build is marked as new.
 for name in ("bastion._compiled__mypyc", *COMPILED_MODULES):
-    for built in __import__("glob").glob(name.replace(".", "/") + ".cpython-*"):
+    for built in glob.glob(name.replace(".", "/") + ".cpython-*"):
         os.utime(built)
