@@ -45,6 +45,7 @@ class Worker:
         self.connections: set[ClientConnection] = set()
         self.tunnels = 0
         self.draining = False
+        self.stopping_now = False
         self.drain_deadline = 0.0
         self.servers: list = []
         self.stopped: asyncio.Future | None = None
@@ -57,7 +58,7 @@ class Worker:
 
     def connection_closed(self, conn) -> None:
         self.connections.discard(conn)
-        if self.draining and not self.connections and self.stopped is not None and not self.stopped.done():
+        if self.draining and not self._busy() and self.stopped is not None and not self.stopped.done():
             self.stopped.set_result(None)
 
     def tunnel_opened(self, conn) -> None:
@@ -113,6 +114,8 @@ class Worker:
         discovery = Discovery(runtime)
         await discovery.start()
         for address, sock in self.listen_sockets:
+            if self.draining:
+                break  # told to drain while starting: accept nothing rather than close what we accept
             listener = runtime.listeners.get(address)
             context = listener.tls.default if listener is not None and listener.tls is not None else None
             protocol = ProxyProtocolConnection if listener is not None and listener.proxy_protocol else ClientConnection
@@ -124,14 +127,18 @@ class Worker:
             else:
                 server = await loop.create_server(factory, sock=sock, backlog=4096, ssl=context)
             self.servers.append(server)
-        if self.admin_socket is not None:
+            if self.draining:
+                server.close()  # the drain began while this server was being created
+        if self.admin_socket is not None and not self.draining:
             from bastion.admin.server import AdminConnection
 
             server = await loop.create_server(lambda: AdminConnection(self), sock=self.admin_socket, backlog=128)
             self.servers.append(server)
+            if self.draining:
+                server.close()
         sweeper = loop.create_task(self._sweep())
         try:
-            await self.stopped
+            await self._drained()
         finally:
             sweeper.cancel()
             discovery.stop()
@@ -163,11 +170,35 @@ class Worker:
                 log.warning("master %d is gone; draining", self.master_pid)
                 self.begin_drain()
             if self.draining:
-                if not self.connections or now >= self.drain_deadline:
+                if not self._busy() or now >= self.drain_deadline:
                     if self.connections:
                         log.warning("drain deadline passed with %d connections open; closing them", len(self.connections))
                     if not self.stopped.done():
                         self.stopped.set_result(None)
+
+    def _busy(self) -> bool:
+        """Connections open, or TLS connections still in their handshake (not yet connections)."""
+        if self.connections:
+            return True
+        for server in self.servers:
+            if getattr(server, "handshaking", None):
+                return True
+        return False
+
+    async def _drained(self) -> None:
+        """Wait until stopped; when draining, also until connections accepted just before the drain are done.
+
+        The event loop accepts a connection in one callback and announces it (connection_made) in the next,
+        so a drain that begins between the two sees no connections and would close the unannounced one
+        unanswered on the way out."""
+        while True:
+            await self.stopped
+            if self.stopping_now or not self.draining:
+                return
+            await asyncio.sleep(0)
+            if not self._busy() or monotonic() >= self.drain_deadline:
+                return
+            self.stopped = self.loop.create_future()
 
     def begin_drain(self) -> None:
         if self.draining:
@@ -179,10 +210,11 @@ class Worker:
             server.close()
         for conn in list(self.connections):
             conn.drain(now)
-        if not self.connections and not self.stopped.done():
+        if not self._busy() and not self.stopped.done():
             self.stopped.set_result(None)
 
     def _stop_now(self) -> None:
+        self.stopping_now = True
         if not self.stopped.done():
             self.stopped.set_result(None)
 

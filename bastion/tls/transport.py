@@ -41,6 +41,8 @@ class TLSServer:
         self.protocol_factory = protocol_factory
         self.handshake_timeout = handshake_timeout
         self.closed = False
+        # Connections still in their handshake: a draining worker waits for them as for any connection.
+        self.handshaking: set[TLSTransport] = set()
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._accept)
 
@@ -59,7 +61,8 @@ class TLSServer:
             try:
                 conn.setblocking(False)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                TLSTransport(self.loop, conn, address, self.context, self.protocol_factory, self.handshake_timeout)
+                TLSTransport(self.loop, conn, address, self.context, self.protocol_factory, self.handshake_timeout,
+                             self.handshaking)
             except OSError:
                 conn.close()
 
@@ -82,9 +85,11 @@ class TLSTransport(asyncio.Transport):
     __slots__ = (
         "loop", "sock", "fd", "ssl", "protocol", "protocol_factory", "peername", "closing", "closed", "reading",
         "buffer", "buffered", "high_water", "low_water", "protocol_paused", "handshake_timer", "writer_on",
+        "handshaking",
     )
 
-    def __init__(self, loop, sock: socket.socket, address, context: ssl.SSLContext, protocol_factory, handshake_timeout: float):
+    def __init__(self, loop, sock: socket.socket, address, context: ssl.SSLContext, protocol_factory, handshake_timeout: float,
+                 handshaking: set):
         self.loop = loop
         self.fd = sock.fileno()
         self.ssl = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
@@ -102,6 +107,8 @@ class TLSTransport(asyncio.Transport):
         self.protocol_paused = False
         self.writer_on = False
         self.handshake_timer = loop.call_later(handshake_timeout, self._handshake_expired)
+        self.handshaking = handshaking
+        handshaking.add(self)
         self._handshake()
 
     # -- the handshake --------------------------------------------------------------------------------------
@@ -120,6 +127,7 @@ class TLSTransport(asyncio.Transport):
             return
         self.handshake_timer.cancel()
         self.handshake_timer = None
+        self.handshaking.discard(self)
         self._wait_for(write=False, callback=self._on_readable)
         self.reading = True
         self.protocol = protocol = self.protocol_factory()
@@ -300,6 +308,7 @@ class TLSTransport(asyncio.Transport):
             return
         self.closed = True
         self.closing = True
+        self.handshaking.discard(self)
         if self.handshake_timer is not None:
             self.handshake_timer.cancel()
             self.handshake_timer = None

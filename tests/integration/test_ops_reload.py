@@ -103,6 +103,39 @@ class LoadClient(threading.Thread):
         return status, close
 
 
+class FreshConnectionClient(LoadClient):
+    """One request per connection (`Connection: close`), over TLS when given a client context: every
+    request is a fresh connection, so any connection a worker accepts and then drops is a failure."""
+
+    def __init__(self, port, deadline, max_requests, context=None):
+        super().__init__(port, deadline, max_requests)
+        self.context = context
+
+    def run(self):
+        while time.monotonic() < self.deadline and self.ok < self.max_requests:
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            except OSError as exc:
+                self.failures.append(f"connect: {exc!r}")
+                time.sleep(0.05)
+                continue
+            try:
+                if self.context is not None:
+                    sock = self.context.wrap_socket(sock, server_hostname="localhost")
+                sock.sendall(b"GET /echo/load HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                status, _ = self._read(sock)
+                if status != 200:
+                    self.failures.append(f"status {status}")
+                else:
+                    self.ok += 1
+            except _StaleConnection:
+                self.failures.append("EOF on a fresh connection")
+            except OSError as exc:  # ssl.SSLError included: a handshake cut short
+                self.failures.append(f"error: {exc!r}")
+            finally:
+                sock.close()
+
+
 class _StaleConnection(Exception):
     pass
 
@@ -136,6 +169,53 @@ def test_ten_reloads_under_load_lose_nothing(bastion, backend):
     assert get(b.url + "/version") == "v10"
     assert len(b.worker_pids()) == 2  # old generations are gone
     print(f"{done} requests through 10 reloads, 0 failures")
+
+
+def test_reloads_in_quick_succession_lose_no_connection(bastion, backend, tmp_path):
+    """Reloads faster than workers start, so a drain often begins while a worker is still starting or has
+    just accepted a connection it has not announced yet: plain and TLS connections alike are answered."""
+    import ssl
+
+    import trustme
+
+    from tests.support.certs import server_cert_files
+    from tests.support.ports import free_port
+
+    ca = trustme.CA()
+    cert_file, key_file = server_cert_files(ca, tmp_path)
+    plain_port, tls_port = free_port(), free_port()
+
+    def with_tls(version):
+        cfg = config(backend, version)
+        cfg["listeners"] = [f"127.0.0.1:{plain_port}", {"address": f"127.0.0.1:{tls_port}",
+                                           "tls": {"certificates": [{"cert": cert_file, "key": key_file}]}}]
+        return cfg
+
+    b = bastion(with_tls("v0"))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    deadline = time.monotonic() + 40
+    clients = ([LoadClient(b.port, deadline, max_requests=200_000) for _ in range(6)]
+               + [FreshConnectionClient(b.port, deadline, max_requests=200_000) for _ in range(3)]
+               + [FreshConnectionClient(tls_port, deadline, max_requests=200_000, context=context) for _ in range(3)])
+    for c in clients:
+        c.start()
+    time.sleep(0.5)
+    for i in range(1, 61):
+        b.write_config(with_tls(f"v{i}"))
+        b.reload()
+        time.sleep(0.07 if i % 3 else 0.4)
+    for c in clients:
+        c.deadline = 0
+        c.join(20)
+    failures = [f for c in clients for f in c.failures]
+    assert failures == [], failures[:10]
+    assert all(c.ok > 0 for c in clients)
+    deadline = time.monotonic() + 20
+    while len(b.worker_pids()) != 2:  # the old generations finish draining and exit
+        assert time.monotonic() < deadline, b.worker_pids()
+        time.sleep(0.2)
+    assert get(b.url + "/version") == "v60"
 
 
 def test_reload_command_uses_pid_file(bastion, backend):
