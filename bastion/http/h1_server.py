@@ -122,6 +122,8 @@ class ClientConnection(asyncio.Protocol):
         "guard_slot",
         "drained",
         "writes_h1",
+        "last_head",
+        "last_known",
     )
 
     waits_for_proxy_header = False
@@ -174,6 +176,10 @@ class ClientConnection(asyncio.Protocol):
         self.guard_slot = -1  # this connection's place in the node's connection counters (security)
         self.writes_h1 = True  # its answers are HTTP/1.1 heads (an HTTP/2 stream writes frames)
         self.drained: Any = None  # a file body waits here while the client is slow
+        # The last remembered head this client sent, and what it gave: a client that repeats itself is
+        # known by comparing bytes, without hashing them (a KnownRequest stays true once made).
+        self.last_head = b""
+        self.last_known: Any = None
 
     def client_certificate(self):
         """(subject, SHA-256 fingerprint) of the client's verified certificate, or None; read once."""
@@ -334,18 +340,23 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.parsing is None and self.active is None:
             heads = self.known_heads
-            if heads.paused:
+            if data == self.last_head:
+                known = self.last_known
+            elif heads.paused:
                 heads.paused -= 1
                 known = None
             else:
                 known = heads.entries.get(data)
+                if known is not None:
+                    self.last_head = data
+                    self.last_known = known
             if known is not None:
                 heads.hits += 1
             elif data[-4:] == b"\r\n\r\n":
                 # a whole request head: a remembered one with another target (a read with more after its
                 # first head cannot be: what is remembered is one whole head and nothing else), or one to
                 # remember, when it is the only thing in the read
-                known = heads.shaped(data, self.limits.request_line)
+                known = heads.shaped(data, self.runtime.request_line_limit)
                 if (known is None and not (heads.paused and heads.shapes.paused)
                         and not data.partition(b"\r\n\r\n")[2]):
                     self.head_read = data
@@ -354,7 +365,7 @@ class ClientConnection(asyncio.Protocol):
                 # would give (inline here: this is the hot path)
                 ex = Exchange(self, monotonic(), self.client_ip, self.scheme, known)
                 self.requests += 1
-                if self.requests >= self.limits.requests_per_connection:
+                if self.requests >= self.runtime.requests_per_connection:
                     self.close_after = True
                 self.active = ex
                 self.deadline = 0.0
@@ -416,7 +427,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes):
         self.url += url
-        if len(self.url) > self.limits.request_line:
+        if len(self.url) > self.runtime.request_line_limit:
             raise RequestRejected(414, "request_line_too_long")
 
     def on_header(self, name: bytes, value: bytes):
@@ -524,7 +535,7 @@ class ClientConnection(asyncio.Protocol):
             name, colon, _ = host.rpartition(b":")
             ex.host = name if colon and host[-1:] != b"]" else host  # without its port
         self.requests += 1
-        if self.requests >= self.limits.requests_per_connection:
+        if self.requests >= self.runtime.requests_per_connection:
             self.close_after = True
         if ex.content_length or ex.chunked:
             ex.body_chunks = []
@@ -892,19 +903,21 @@ class ClientConnection(asyncio.Protocol):
             self._flush()
             return
         ex.status = status = known[0]
-        ex.response_headers_raw = list(known[1])  # filters may change the list they are given
         changed = False
         if route.on_response:
+            ex.response_headers_raw = list(known[1])  # filters may change the list they are given
             if engine.run_response_filters(ex) is not None:
                 # a filter's answer in place of the backend's: the body is dropped, the answer goes out
                 self.upstream_complete(up, known[3])
                 return
             changed = ex.response_headers_raw != known[1]
+        else:
+            ex.response_headers_raw = known[1]  # only read from now on (the log phase)
         if changed:
             self._write_head(ex, ex.response_headers_raw, False)
             head = b""
         elif (ex.status == status and ex.keep_alive and ex.http_version == "1.1" and not self.close_after
-                and not self.worker.draining):
+                and not self.runtime.draining):
             head = known[5]  # the whole head, as _head_end would end it
         else:
             head = status_line(ex.status) + known[4] + self._head_end(ex)
@@ -925,7 +938,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _head_end(self, ex) -> bytes:
         """The end of a response head written from prebuilt lines: the Connection field, then the blank line."""
-        if self.close_after or not ex.keep_alive or self.worker.draining:
+        if self.close_after or not ex.keep_alive or self.runtime.draining:
             self.close_after = True
             return b"Connection: close\r\n\r\n"
         if ex.http_version == "1.0":
@@ -943,7 +956,7 @@ class ClientConnection(asyncio.Protocol):
             parts.append(b"Transfer-Encoding: chunked\r\n")
         if upgrade:
             parts.append(b"Connection: upgrade\r\n")
-        elif self.close_after or not ex.keep_alive or self.worker.draining:
+        elif self.close_after or not ex.keep_alive or self.runtime.draining:
             self.close_after = True
             parts.append(b"Connection: close\r\n")
         elif ex.http_version == "1.0":
@@ -998,10 +1011,19 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_ready = False
         now = monotonic()
         ex.upstream_time = now - ex.upstream_start
-        up.owner = None
-        up.deadline = 0.0
-        if up.paused:
-            up.resume()
+        if isinstance(up, UpstreamConnection):
+            h1: UpstreamConnection = up  # (typed: its fields are read natively, not looked up by name)
+            h1.owner = None
+            h1.deadline = 0.0
+            if h1.paused:
+                h1.resume()
+            alive = h1.alive
+        else:  # an HTTP/2 backend stream (bastion/http/h2_upstream.py)
+            up.owner = None
+            up.deadline = 0.0
+            if up.paused:
+                up.resume()
+            alive = up.alive
         if ex.attempting:
             ex.attempting = False
             peer: Peer = ex.peer
@@ -1013,7 +1035,7 @@ class ClientConnection(asyncio.Protocol):
                 group.record_success(peer, ex.status, ex.upstream_time, now)
             elif peer.fails:
                 peer.fails = 0
-        if reusable and up.alive:
+        if reusable and alive:
             peer = ex.peer
             peer.release(up, now)
         else:
@@ -1181,7 +1203,7 @@ class ClientConnection(asyncio.Protocol):
                 # a remembered head is a complete HTTP/1.1 keep-alive request
                 and (ex.known is not None or (ex.request_complete and ex.keep_alive and ex.http_version == "1.1"))
                 and ex.method != b"HEAD" and not self.close_after and not self.upgrading
-                and not self.worker.draining):
+                and not self.runtime.draining):
             # the common case, written in one piece as it was prepared
             ex.bytes_out += len(response.body)
             out = self.out
@@ -1238,13 +1260,13 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.paused:
             self._resume(PAUSE_PIPELINE)
-        if self.worker.draining and self.parsing is None:
+        if self.runtime.draining and self.parsing is None:
             self.lingering_close()
             return
         now = ex.end
         self.last_active = now
         if self.parsing is None:
-            self.deadline = now + self.timeouts.keepalive
+            self.deadline = now + self.runtime.keepalive_timeout
             self.deadline_kind = DL_IDLE
 
     def reject(self, status: int, reason: str) -> None:

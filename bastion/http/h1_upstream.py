@@ -56,6 +56,8 @@ class UpstreamConnection(asyncio.Protocol):
         "read_timeout",
         "between",
         "known_head",
+        "last_head",
+        "last_known",
     )
 
     def __init__(self, peer: Peer) -> None:
@@ -83,6 +85,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.read_timeout = 60.0
         self.between = True  # no response begun: the next read starts with a response head
         self.known_head: Any = None  # while a known head is handed to the client side (see report_known)
+        # The last known head this connection brought, with its blank line, and what it gave: a backend
+        # that repeats itself is known by comparing bytes, without splitting the read or hashing the head.
+        self.last_head = b""
+        self.last_known: Any = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------
     def connection_made(self, transport):
@@ -132,6 +138,13 @@ class UpstreamConnection(asyncio.Protocol):
         head = None
         if self.between and not self.head_request:
             heads = self.peer.known_heads
+            last = self.last_head
+            if last and data.startswith(last):
+                known = self.last_known
+                if len(data) - len(last) == known[2]:
+                    heads.hits += 1
+                    owner.upstream_known(self, known, data[len(last) :])
+                    return
             if heads.paused:
                 heads.paused -= 1
             else:
@@ -144,6 +157,8 @@ class UpstreamConnection(asyncio.Protocol):
                     known = heads.entries.get(head)
                     if known is not None and len(body) == known[2]:
                         heads.hits += 1
+                        self.last_head = data[: len(head) + 4]
+                        self.last_known = known
                         owner.upstream_known(self, known, body)  # (the exchange ends in it)
                         return
                 else:

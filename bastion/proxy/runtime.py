@@ -110,10 +110,17 @@ class Runtime:
     # Some route passes WebSocket to an HTTP/1.1 upstream: HTTP/2 clients are offered extended CONNECT
     # (RFC 8441, SETTINGS_ENABLE_CONNECT_PROTOCOL) to open WebSockets over HTTP/2.
     websocket_over_h2: bool = False
+    # This worker is draining (set by bastion.server.worker with Worker.draining): a field of this compiled
+    # class, because every response asks.
+    draining: bool = False
 
     def __post_init__(self) -> None:
         self.limits = PlainSettings(self.config.limits)
         self.timeouts = PlainSettings(self.config.timeouts)
+        # The settings every request reads, as native fields (the PlainSettings above are Python objects).
+        self.keepalive_timeout: float = self.config.timeouts.keepalive
+        self.requests_per_connection: int = self.config.limits.requests_per_connection
+        self.request_line_limit: int = self.config.limits.request_line
 
     def tick(self, now: float) -> None:
         if self.health_table is not None:

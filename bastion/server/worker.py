@@ -204,6 +204,7 @@ class Worker:
         if self.draining:
             return
         self.draining = True
+        self.runtime.draining = True
         now = monotonic()
         self.drain_deadline = now + self.runtime.config.timeouts.drain
         for server in self.servers:
