@@ -904,7 +904,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.status = status = known[0]
         changed = False
-        if route.on_response:
+        if route.on_response and route.response_phase_runs(status):
             ex.response_headers_raw = list(known[1])  # filters may change the list they are given
             if engine.run_response_filters(ex) is not None:
                 # a filter's answer in place of the backend's: the body is dropped, the answer goes out
@@ -912,7 +912,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             changed = ex.response_headers_raw != known[1]
         else:
-            ex.response_headers_raw = known[1]  # only read from now on (the log phase)
+            ex.response_headers_raw = known[1]  # only read from now on (in the log phase)
         if changed:
             self._write_head(ex, ex.response_headers_raw, False)
             head = b""

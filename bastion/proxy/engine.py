@@ -250,7 +250,11 @@ def run_response_filters(ex: Exchange, replaceable: bool = True) -> Response | N
     if route is None:
         return None
     replacement = None
-    for f in route.on_response:
+    wants = route.response_statuses()
+    for i, f in enumerate(route.on_response):
+        statuses = wants[i]
+        if statuses is not None and ex.status not in statuses:
+            continue
         try:
             result = f(ex)
         except Exception:

@@ -39,6 +39,8 @@ class CompiledRoute:
         "upgrade_any",
         "upgrade_allowed",
         "description",
+        "response_runs",
+        "response_wants",
     )
 
     def __init__(self, name: str, index: int, priority: int = 0):
@@ -64,6 +66,31 @@ class CompiledRoute:
         self.upgrade_any = False
         self.upgrade_allowed: frozenset = frozenset()
         self.description = ""
+        self.response_runs: dict[int, bool] = {}  # status -> whether some response filter wants it
+        self.response_wants: Any = None  # the response_statuses of each of on_response, once asked
+
+    def response_statuses(self) -> tuple:
+        """For each response filter (on_response), the statuses it handles, or None for all. A filter says
+        which with a `response_statuses` attribute (a container of ints); it is not called for others.
+        (Read once on first use: on_response is final by then.)"""
+        wants = self.response_wants
+        if wants is None:
+            wants = self.response_wants = tuple(
+                getattr(getattr(method, "__self__", None), "response_statuses", None) for method in self.on_response)
+        return wants
+
+    def response_phase_runs(self, status: int) -> bool:
+        """Whether some response filter handles a response of `status`; when none does, the response phase
+        (and the copy of the header list its filters may change) is skipped."""
+        runs = self.response_runs.get(status)
+        if runs is None:
+            runs = False
+            for statuses in self.response_statuses():
+                if statuses is None or status in statuses:
+                    runs = True
+                    break
+            self.response_runs[status] = runs
+        return runs
 
     def allows_upgrade(self, protocol: bytes | None) -> bool:
         if protocol is None:

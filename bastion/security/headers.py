@@ -49,6 +49,8 @@ class HideBackendLocation:
 
     # The result depends on the response and the Host (part of the cache key): a cache stores it as is.
     cache_safe_response = True
+    # Redirects and 201 Created carry the Location worth hiding: other responses skip this filter.
+    response_statuses = frozenset(range(300, 400)) | {201}
 
     def __init__(self, group, public_host: str | None, public_scheme: str | None):
         self.group = group
@@ -69,8 +71,7 @@ class HideBackendLocation:
         return names
 
     def response_filter(self, ex) -> None:
-        status = ex.status
-        if not (300 <= status < 400 or status == 201):
+        if ex.status not in self.response_statuses:
             return
         headers = ex.response_headers_raw
         backends = None

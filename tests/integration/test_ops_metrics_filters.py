@@ -198,3 +198,42 @@ def test_response_body_filter_and_replacement(bastion, backend, tmp_path):
                 data += chunk
             assert data.startswith(b"HTTP/1.1 200 ") and b"X-Replaced: yes" in data and b"Content-Length: 15" in data
     assert fetch(b.url + "/status/200")[2] == b"status 200\n"
+
+
+STATUS_FILTERS = '''
+from bastion.proxy import Filter
+
+
+class MarkNotFound(Filter):
+    response_statuses = {404}
+
+    def response_filter(self, exchange):
+        exchange.response_headers.set("X-Not-Found-Seen", "yes")
+
+
+class MarkAll(Filter):
+    def response_filter(self, exchange):
+        exchange.response_headers.set("X-Seen", str(exchange.status))
+'''
+
+
+def test_response_filter_called_only_for_its_statuses(bastion, backend, tmp_path):
+    """A filter with `response_statuses` sees only those responses, whether or not Bastion knows the
+    backend's head already (repeated requests take the remembered-head path)."""
+    (tmp_path / "statusfilters.py").write_text(textwrap.dedent(STATUS_FILTERS))
+    b = bastion({"routes": [
+        {"name": "only", "match": {"path": {"prefix": "/only/"}}, "upstream": {"servers": [backend.address]},
+         "rewrite": {"strip_prefix": "/only"}, "filters": [{"use": "statusfilters:MarkNotFound"}]},
+        {"name": "both", "upstream": {"servers": [backend.address]},
+         "filters": [{"use": "statusfilters:MarkNotFound"}, {"use": "statusfilters:MarkAll"}]},
+    ]}, env={"PYTHONPATH": str(tmp_path)})
+    for prefix in ("/only", ""):
+        for _ in range(5):
+            status, headers, body = fetch(b.url + prefix + "/bytes/100")
+            assert status == 200 and len(body) == 100
+            assert "X-Not-Found-Seen" not in headers
+            assert headers.get("X-Seen") == (None if prefix else "200")
+        for _ in range(3):
+            status, headers, _ = fetch(b.url + prefix + "/status/404")
+            assert status == 404 and headers["X-Not-Found-Seen"] == "yes"
+            assert headers.get("X-Seen") == (None if prefix else "404")
