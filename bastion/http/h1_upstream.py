@@ -202,11 +202,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers = headers = list(headers)  # filters may change the list they are given
         owner.upstream_head(self, self.status, headers, FRAMING_LENGTH if self.content_length else FRAMING_NONE)
         self.known_head = None
-        if self.owner is owner:
+        if self.owned_by(owner):
             if self.content_length:
                 owner.upstream_body(body)
-            if self.owner is owner:
+            if self.owned_by(owner):
                 owner.upstream_complete(self, self.keep_alive)
+
+    def owned_by(self, owner: Any) -> bool:
+        """Whether `owner` still owns this connection. (A method, not `self.owner is owner` inline: mypy would
+        take `self.owner` as `owner`'s type from then on, and the compiled code would check a later read of
+        it, which the calls in between may have set to None, against that type.)"""
+        return self.owner is owner
 
     def _remember_head(self, head: bytes) -> None:
         """Remember a response head (without its blank line) and what parsing it gave."""
