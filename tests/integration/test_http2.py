@@ -615,3 +615,28 @@ def test_a_header_block_trickled_in_continuation_frames_times_out(bastion, backe
     assert backend.stats() == 0
     r = curl("--http2-prior-knowledge", f"{b.url}/local")  # the proxy serves the next client
     assert r.stdout == b"local answer\n"
+
+
+def test_client_goaway_while_remembered_responses_arrive(bastion, backend):
+    """A client that sends GOAWAY with streams in flight (as h2load does when it stops): the backend's
+    answers to those streams, whose heads Bastion already knows, meet a connection that takes no more data.
+    Each such stream ends quietly, its backend connection is let go, and everything after is served."""
+    b = bastion(plain_config(backend))
+    for _ in range(3):
+        raw = RawH2(b.port)
+        raw.send(raw.headers(1, "/bytes/1024"))  # the backend's head is remembered from here on
+        raw.read_frames(lambda fs: any("END_STREAM" in f.flags and f.stream_id == 1 for f in fs))
+        goaway = GoAwayFrame(0)
+        goaway.last_stream_id = 1
+        raw.send(*[raw.headers(sid, "/bytes/1024") for sid in range(3, 43, 2)], goaway)
+        raw.read_frames(lambda fs: False, timeout=3)
+        raw.sock.close()
+    client = H2Client(b.port)
+    for sid in [client.request("/bytes/1024") for _ in range(40)]:
+        r = client.wait(sid, timeout=5)
+        assert r["status"] == 200 and len(r["body"]) == 1024
+    client.close()
+    for _ in range(20):
+        assert curl(f"{b.url}/bytes/1024").stdout == PATTERN[:1024]
+    err = b.stderr()
+    assert "Traceback" not in err and "Fatal error" not in err, err[-3000:]
