@@ -42,11 +42,8 @@ class LoadClient(threading.Thread):
         used = False
         while time.monotonic() < self.deadline and self.ok < self.max_requests:
             if sock is None:
-                try:
-                    sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-                except OSError as exc:
-                    self.failures.append(f"connect: {exc!r}")
-                    time.sleep(0.05)
+                sock = self._connect()
+                if sock is None:
                     continue
                 used = False
             try:
@@ -74,6 +71,15 @@ class LoadClient(threading.Thread):
                 sock = None
         if sock is not None:
             sock.close()
+
+    def _connect(self):
+        """A new connection, or None (a failure, counted) after a short pause."""
+        try:
+            return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        except OSError as exc:
+            self.failures.append(f"connect: {exc!r}")
+            time.sleep(0.05)
+            return None
 
     def _read(self, sock):
         buf = b""
@@ -113,11 +119,8 @@ class FreshConnectionClient(LoadClient):
 
     def run(self):
         while time.monotonic() < self.deadline and self.ok < self.max_requests:
-            try:
-                sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-            except OSError as exc:
-                self.failures.append(f"connect: {exc!r}")
-                time.sleep(0.05)
+            sock = self._connect()
+            if sock is None:
                 continue
             try:
                 if self.context is not None:
