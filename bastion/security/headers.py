@@ -49,7 +49,8 @@ class HideBackendLocation:
 
     # The result depends on the response and the Host (part of the cache key): a cache stores it as is.
     cache_safe_response = True
-    # Redirects and 201 Created carry the Location worth hiding: other responses skip this filter.
+    # Redirects and 201 Created carry the Location worth hiding: the response phase calls this filter for
+    # those only (and skips itself for a 2xx from a remembered backend head).
     response_statuses = frozenset(range(300, 400)) | {201}
 
     def __init__(self, group, public_host: str | None, public_scheme: str | None):
@@ -71,8 +72,6 @@ class HideBackendLocation:
         return names
 
     def response_filter(self, ex) -> None:
-        if ex.status not in self.response_statuses:
-            return
         headers = ex.response_headers_raw
         backends = None
         for index, (name, value) in enumerate(headers):
