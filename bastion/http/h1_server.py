@@ -29,6 +29,7 @@ from bastion.http.h1_upstream import (
 )
 from bastion.http.headers import HOP_BY_HOP, status_line
 from bastion.http.known_heads import KnownRequest
+from bastion.http.splice import SPLICE_MIN, BodySplice, plain_tcp
 from bastion.proxy import engine
 from bastion.proxy.exchange import Exchange, FileBody
 from bastion.http.paths import normalize_path
@@ -124,6 +125,7 @@ class ClientConnection(asyncio.Protocol):
         "writes_h1",
         "last_head",
         "last_known",
+        "splice",
     )
 
     waits_for_proxy_header = False
@@ -180,6 +182,7 @@ class ClientConnection(asyncio.Protocol):
         # known by comparing bytes, without hashing them (a KnownRequest stays true once made).
         self.last_head = b""
         self.last_known: Any = None
+        self.splice: Any = None  # a BodySplice while a response body goes around Python (bastion/http/splice.py)
 
     def client_certificate(self):
         """(subject, SHA-256 fingerprint) of the client's verified certificate, or None; read once."""
@@ -251,6 +254,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.closed = True
+        if self.splice is not None:
+            self._stop_splice()
         drained = self.drained
         if drained is not None and not drained.done():
             drained.set_result(None)  # a file body being sent stops
@@ -293,7 +298,7 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self):
         self.write_paused = False
         up = self.tunnel or self.upstream
-        if up is not None:
+        if up is not None and self.splice is None:  # (a spliced body's backend stays paused: see splice.py)
             up.resume()
         drained = self.drained
         if drained is not None:
@@ -884,6 +889,9 @@ class ClientConnection(asyncio.Protocol):
             self.close_after = True
         self.resp_chunked = chunked
         self.resp_started = True
+        if (framing == FRAMING_LENGTH and not chunked and up.content_length >= SPLICE_MIN and not ex.route.on_response_body
+                and ex.method != b"HEAD" and self.writes_h1 and isinstance(up, UpstreamConnection)):
+            up.bulk = True  # its body may go around Python once this read is written (try_splice)
         known = up.known_head
         if known is not None and self.writes_h1 and (not ex.route.on_response or ex.response_headers_raw == known[1]):
             # a known backend head that the response filters left as it was: its lines are written out
@@ -979,6 +987,61 @@ class ClientConnection(asyncio.Protocol):
             self._sendv((b"%x\r\n" % len(body), body, b"\r\n"))
         else:
             self._send(body)
+
+    def try_splice(self, up: UpstreamConnection) -> None:
+        """Called after a backend read that wrote part of a large body (see upstream_head): the rest of the
+        body goes from socket to socket in the kernel (bastion/http/splice.py) when both are plain TCP."""
+        ex = self.active
+        if ex is None or up is not self.upstream or self.closed or up.between or ex.replacement is not None:
+            up.bulk = False
+            return
+        remaining = up.content_length - ex.bytes_out
+        if remaining < SPLICE_MIN:
+            up.bulk = False
+            return
+        if self.transport.get_write_buffer_size():
+            return  # what was written must leave first; asked again after the next read
+        up.bulk = False
+        if not plain_tcp(self.transport) or not plain_tcp(up.transport):
+            return
+        splice = BodySplice(self, up, remaining)
+        self.splice = splice
+        if not splice.start():
+            self.splice = None
+
+    def splice_finished(self, splice: BodySplice, error: str | None) -> None:
+        """The spliced body is over (error None), or one side failed ("upstream_reset_midway" for the
+        backend, "client_closed" for the client)."""
+        if self.splice is not splice:
+            return
+        self.splice = None
+        up = splice.up
+        ex = self.active
+        if ex is not None:
+            ex.bytes_out += splice.moved
+        self._count_spliced(splice.moved)
+        if error is None:
+            up.spliced()
+            self.upstream_complete(up, up.keep_alive)
+        elif error == "client_closed":
+            self.transport.abort()  # connection_lost follows, and lets the backend connection go
+        else:
+            self.upstream_failed(up, error)
+            up.close()
+
+    def _stop_splice(self) -> None:
+        splice = self.splice
+        self.splice = None
+        splice.cancel()
+        ex = self.active
+        if ex is not None:
+            ex.bytes_out += splice.moved
+        self._count_spliced(splice.moved)
+
+    def _count_spliced(self, moved: int) -> None:
+        metrics = self.runtime.metrics
+        if metrics is not None:
+            metrics.spliced_bytes += moved
 
     def upstream_complete(self, up, reusable: bool) -> None:
         ex = self.active

@@ -58,6 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
         "known_head",
         "last_head",
         "last_known",
+        "bulk",
     )
 
     def __init__(self, peer: Peer) -> None:
@@ -89,6 +90,7 @@ class UpstreamConnection(asyncio.Protocol):
         # that repeats itself is known by comparing bytes, without splitting the read or hashing the head.
         self.last_head = b""
         self.last_known: Any = None
+        self.bulk = False  # the client side may splice the rest of this body (ClientConnection.try_splice)
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------
     def connection_made(self, transport):
@@ -192,6 +194,8 @@ class UpstreamConnection(asyncio.Protocol):
                 owner.out = None
             if out and not owner.closed:
                 owner.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if self.bulk:
+                owner.try_splice(self)
 
     def report_known(self, owner: ClientConnection, known: tuple, body: bytes) -> None:
         """The callbacks' work for a known head (see data_received), with the same calls to the owner."""
@@ -299,6 +303,13 @@ class UpstreamConnection(asyncio.Protocol):
         owner.upstream_complete(self, self.keep_alive)
 
     # -- used by the client side ------------------------------------------------------------------------
+    def spliced(self) -> None:
+        """The rest of the body went around the parser (bastion/http/splice.py), which is still waiting for
+        it: the next response starts with a new parser."""
+        self.parser = HttpResponseParser(self)
+        self.between = True
+        self.bulk = False
+
     def detach(self) -> None:
         self.owner = None
         self.deadline = 0.0

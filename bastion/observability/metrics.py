@@ -44,6 +44,8 @@ class _Prom:
                              "not draining)", ["upstream", "peer"], multiprocess_mode="livemin")
         self.ejections = Counter("bastion_upstream_ejections", "Servers taken out by passive health checks",
                                  ["upstream", "peer"])
+        self.spliced = Counter("bastion_spliced_response_bytes", "Response body bytes moved from backend to client "
+                               "inside the kernel (splice), not through Python")
 
 
 class _RouteCounts:
@@ -62,6 +64,7 @@ class Metrics:
         self.routes: dict = {}  # route object -> counts since the last flush
         self.gauges: dict[str, object] = {}
         self.groups: list = []
+        self.spliced_bytes = 0  # since the last flush (bastion/http/splice.py)
         self._ejections_seen: dict[int, int] = {}
         self._prom: _Prom | None = None
 
@@ -105,6 +108,9 @@ class Metrics:
                 if n:
                     child._buckets[index].inc(n)
             child._sum.inc(counts.total)
+        if self.spliced_bytes:
+            prom.spliced.inc(self.spliced_bytes)
+            self.spliced_bytes = 0
         for name, source in self.gauges.items():
             getattr(prom, name).set(source())
         now = monotonic()
