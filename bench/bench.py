@@ -1,7 +1,7 @@
 """`make bench`: Bastion against nginx and HAProxy, in one run, on this machine.
 
-A fixed nginx backend serves a 1 KiB body, a cacheable 1 KiB body and a 64 MiB file, and accepts 64 MiB
-uploads. In front of it: Bastion with one worker, nginx with one worker, HAProxy with one thread, all
+A fixed nginx backend serves a 1 KiB body, a cacheable 1 KiB body and a 64 MiB file, and stores 64 MiB
+uploads (a WebDAV PUT into a tmpfs folder). In front of it: Bastion with one worker, nginx with one worker, HAProxy with one thread, all
 with upstream keep-alive. The proxy under test is pinned to CPU 0; the load generator and the backend to
 CPU 1. Every figure is the median of BENCH_RUNS interleaved runs (proxy A, B, C, A, B, C, ...) with the
 spread. Scenarios a proxy cannot do (yet) print n/a. Results go to bench/results/<time>.json.
@@ -31,6 +31,7 @@ PYTHON = ROOT / ".venv" / "bin" / "python"
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 RUNS = 1 if QUICK else int(os.environ.get("BENCH_RUNS", "3"))
 SECONDS = 2 if QUICK else int(os.environ.get("BENCH_SECONDS", "5"))
+TRANSFERS_PER_RUN = 1 if QUICK else 3  # scenario 4's transfers per run (see there)
 PROXY_CPU = "0"
 LOAD_CPU = "1" if (os.cpu_count() or 1) > 1 else "0"
 PROXIES = ("bastion", "nginx", "haproxy")
@@ -53,6 +54,12 @@ def wait_port(port: int, timeout: float = 10) -> bool:
         except OSError:
             time.sleep(0.05)
     return False
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time the process has run, in ns (the scheduler's own count: a 64 MiB transfer takes tens of ms,
+    too short for the 10 ms ticks of cpu_ticks)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
 def cpu_ticks(pid: int) -> int:
@@ -97,6 +104,10 @@ class Proc:
 class Bench:
     def __init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="bastion-bench-"))
+        # Uploads are stored in memory (tmpfs), so the disk plays no part in the upload figure.
+        shm = Path("/dev/shm")
+        self.uploads = Path(tempfile.mkdtemp(prefix="bastion-bench-uploads-", dir=shm if shm.is_dir() else None))
+        self.uploads.chmod(0o777)  # the backend's workers run as nobody and write there
         self.tmp.chmod(0o755)  # nginx workers run as nobody and must read the document root
         self.procs: list[Proc] = []
         self.ports: dict[str, int] = {}
@@ -141,7 +152,8 @@ http {{ access_log off; {self.temp_paths("backend")} keepalive_requests 1000000;
     location = /1k {{ default_type text/plain; }}
     location = /cache {{ default_type text/plain; add_header Cache-Control "public, max-age=600"; }}
     location = /64m {{ default_type application/octet-stream; }}
-    location = /upload {{ client_max_body_size 100m; return 200 "ok"; }}
+    location = /upload {{ root {self.uploads}; dav_methods PUT; client_max_body_size 100m;
+      client_body_buffer_size 1m; client_body_temp_path {self.uploads}/tmp; }}
   }} }}""")
         self.start("backend", ["nginx", "-c", str(conf)], LOAD_CPU, self.backend)
         probe = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{self.backend}/1k"],
@@ -290,6 +302,7 @@ http {{ access_log off; {self.temp_paths("nginx-waf")} keepalive_requests 100000
         for p in reversed(self.procs):
             p.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.uploads, ignore_errors=True)
 
     # -- load generators ----------------------------------------------------------------------------------
     def wrk(self, url: str, connections: int = 50, seconds: int = SECONDS, script: str | None = None,
@@ -321,6 +334,13 @@ http {{ access_log off; {self.temp_paths("nginx-waf")} keepalive_requests 100000
             return float(out.strip()) / 1e6
         except ValueError:
             return None
+
+    def transfer(self, name: str, args: list[str]) -> tuple[float | None, float]:
+        """curl_speed through a proxy, and the CPU (ms) the proxy's worker spent meanwhile."""
+        pid = self.workers[name]
+        before = cpu_ns(pid)
+        speed = self.curl_speed(args)
+        return speed, (cpu_ns(pid) - before) / 1e6
 
     def idle_rss(self, name: str, n: int = 10000) -> dict:
         pid = self.workers[name]
@@ -385,9 +405,9 @@ def main() -> int:
               f"{RUNS} interleaved run(s) of {SECONDS} s per figure. {versions()['bastion']}.\n", flush=True)
         sc = results["scenarios"]
 
-        def per_proxy(fn, names=PROXIES):
+        def per_proxy(fn, names=PROXIES, repeat=1):
             runs = {n: [] for n in names}
-            for _ in range(RUNS):
+            for _ in range(RUNS * repeat):
                 for n in names:
                     runs[n].append(fn(n))
             return runs
@@ -454,13 +474,22 @@ def main() -> int:
         print("4. 64 MiB download and upload ...", flush=True)
         # Straight from the backend first: a reference, and it keeps the first proxy measured from paying for
         # whatever the first large transfer after the small-request scenarios costs the machine.
-        direct = [bench.curl_speed(["-w", "%{speed_download}", f"http://127.0.0.1:{bench.backend}/64m"]) for _ in range(RUNS)]
-        runs = per_proxy(lambda n: bench.curl_speed(["-w", "%{speed_download}", f"http://127.0.0.1:{bench.ports[n]}/64m"]))
-        sc["download_64m_MBps"] = {n: median_spread(runs[n]) for n in PROXIES}
+        # A transfer takes 30-80 ms, and single transfers vary by 2x on this machine: each figure is the median of
+        # TRANSFERS_PER_RUN times as many interleaved transfers as the other scenarios make runs.
+        direct = [bench.curl_speed(["-w", "%{speed_download}", f"http://127.0.0.1:{bench.backend}/64m"])
+                  for _ in range(RUNS * TRANSFERS_PER_RUN)]
+        runs = per_proxy(lambda n: bench.transfer(n, ["-w", "%{speed_download}", f"http://127.0.0.1:{bench.ports[n]}/64m"]),
+                         repeat=TRANSFERS_PER_RUN)
+        sc["download_64m_MBps"] = {n: median_spread([r[0] for r in runs[n]]) for n in PROXIES}
         sc["download_64m_MBps"]["direct"] = median_spread(direct)
-        runs = per_proxy(lambda n: bench.curl_speed(["-w", "%{speed_upload}", "-X", "POST", "-T", str(bench.upload_file),
-                                                      f"http://127.0.0.1:{bench.ports[n]}/upload"]))
-        sc["upload_64m_MBps"] = {n: median_spread(runs[n]) for n in PROXIES}
+        sc["download_64m_cpu_ms"] = {n: median_spread([r[1] for r in runs[n]]) for n in PROXIES}
+        # (a PUT that the backend stores whole before it answers: a backend answering at once would leave
+        # each proxy to read and drop the rest of the body, and the figure would not be an upload's)
+        runs = per_proxy(lambda n: bench.transfer(n, ["-w", "%{speed_upload}", "-T", str(bench.upload_file),
+                                                      f"http://127.0.0.1:{bench.ports[n]}/upload"]),
+                         repeat=TRANSFERS_PER_RUN)
+        sc["upload_64m_MBps"] = {n: median_spread([r[0] for r in runs[n]]) for n in PROXIES}
+        sc["upload_64m_cpu_ms"] = {n: median_spread([r[1] for r in runs[n]]) for n in PROXIES}
 
         # 5. idle keep-alive connections
         print("5. 10,000 idle keep-alive connections ...", flush=True)
@@ -542,7 +571,11 @@ def report(results: dict) -> None:
     row(f"added p99 at {a['rate']:.0f} req/s (ms)", "", {k: a[k]["p99_ms"] for k in PROXIES}, 3, True)
     row("cache hits req/s", "", {k: sc["cache_hits"][k]["rps"] for k in PROXIES})
     row("64 MiB download MB/s", "", sc["download_64m_MBps"])
+    if "download_64m_cpu_ms" in sc:
+        row("  proxy CPU per download (ms)", "", sc["download_64m_cpu_ms"], 1, True)
     row("64 MiB upload MB/s", "", sc["upload_64m_MBps"])
+    if "upload_64m_cpu_ms" in sc:
+        row("  proxy CPU per upload (ms)", "", sc["upload_64m_cpu_ms"], 1, True)
     idle = {k: ({"median": v["bytes_per_connection"], "min": v["bytes_per_connection"], "max": v["bytes_per_connection"]}
                 if "bytes_per_connection" in v else None) for k, v in sc["idle_rss"].items()}
     row("idle keep-alive: RSS bytes/connection", "", idle, 0, True)
