@@ -996,14 +996,12 @@ class ClientConnection(asyncio.Protocol):
             up.bulk = False
             return
         remaining = up.content_length - ex.bytes_out
-        if remaining < SPLICE_MIN:
+        if remaining < SPLICE_MIN or not plain_tcp(self.transport) or not plain_tcp(up.transport):
             up.bulk = False
             return
         if self.transport.get_write_buffer_size():
             return  # what was written must leave first; asked again after the next read
         up.bulk = False
-        if not plain_tcp(self.transport) or not plain_tcp(up.transport):
-            return
         splice = BodySplice(self, up, remaining)
         self.splice = splice
         if not splice.start():

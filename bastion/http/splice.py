@@ -143,7 +143,11 @@ class BodySplice:
             # Out of rounds with work left: come back once the loop has served the others.
             want_read = bool(self.remaining) and self.in_pipe < self.capacity
             want_write = self.in_pipe > 0
-        self._watch(want_read and self.in_pipe < self.capacity, want_write and self.in_pipe > 0)
+        try:
+            self._watch(want_read and self.in_pipe < self.capacity, want_write and self.in_pipe > 0)
+        except (OSError, RuntimeError) as exc:  # (not expected: the loop would not watch a descriptor)
+            log.error("splice: cannot watch the sockets: %s", exc)
+            self._backend_failed("unwatchable")
 
     def _watch(self, read: bool, write: bool) -> None:
         if read != self.reading:
