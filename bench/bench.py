@@ -395,6 +395,12 @@ def ratio(a: dict | None, b: dict | None, invert: bool = False) -> str:
     return f"{r:.2f}×"
 
 
+def difference(a: dict | None, b: dict | None) -> str:
+    if not a or not b or a["median"] is None or b["median"] is None:
+        return "n/a"
+    return f"{a['median'] - b['median']:+.3f} ms"
+
+
 def main() -> int:
     bench = Bench()
     results: dict = {"scenarios": {}}
@@ -549,10 +555,10 @@ def report(results: dict) -> None:
     sc = results["scenarios"]
     rows = []
 
-    def row(label, key, stats, digits=0, lower_is_better=False):
+    def row(label, key, stats, digits=0, lower_is_better=False, compare=None):
         b, n, h = stats.get("bastion"), stats.get("nginx"), stats.get("haproxy")
-        rows.append((label, fmt(b, digits), fmt(n, digits), fmt(h, digits),
-                     ratio(b, n, invert=lower_is_better), ratio(b, h, invert=lower_is_better)))
+        compare = compare or (lambda x, y: ratio(x, y, invert=lower_is_better))
+        rows.append((label, fmt(b, digits), fmt(n, digits), fmt(h, digits), compare(b, n), compare(b, h)))
 
     p = sc["passthrough"]
     row("1 KiB pass-through req/s", "rps", {k: p[k]["rps"] for k in PROXIES})
@@ -567,8 +573,9 @@ def report(results: dict) -> None:
         row("same, every head different req/s", "", {k: f[k]["rps"] for k in PROXIES})
         row("  proxy CPU per request (µs)", "", {k: f[k]["cpu_us_per_req"] for k in PROXIES}, 1, True)
     a = sc["added_latency"]
-    row(f"added p50 at {a['rate']:.0f} req/s (ms)", "", {k: a[k]["p50_ms"] for k in PROXIES}, 3, True)
-    row(f"added p99 at {a['rate']:.0f} req/s (ms)", "", {k: a[k]["p99_ms"] for k in PROXIES}, 3, True)
+    # (added latency is a difference of two noisy figures, often near zero: compared as Bastion minus peer)
+    row(f"added p50 at {a['rate']:.0f} req/s (ms)", "", {k: a[k]["p50_ms"] for k in PROXIES}, 3, compare=difference)
+    row(f"added p99 at {a['rate']:.0f} req/s (ms)", "", {k: a[k]["p99_ms"] for k in PROXIES}, 3, compare=difference)
     row("cache hits req/s", "", {k: sc["cache_hits"][k]["rps"] for k in PROXIES})
     row("64 MiB download MB/s", "", sc["download_64m_MBps"])
     if "download_64m_cpu_ms" in sc:
@@ -606,7 +613,8 @@ def report(results: dict) -> None:
         print(f"Python floor (bench/bare_forwarder.py: uvloop + httptools, no proxy work): {fmt(floor, 1)} µs of CPU "
               f"per request; nginx/floor {ratio(floor, p['nginx']['cpu_us_per_req'], invert=True)}. "
               f"Bastion's CPU per request above the floor: {above}.")
-    print("Ratios: higher is better for Bastion (for latency, CPU and memory they are inverted, peer/Bastion).")
+    print("Ratios: higher is better for Bastion (for latency, CPU and memory they are inverted, peer/Bastion); "
+          "added latency: Bastion minus peer, lower is better.")
     print("Spread: (min–max) over the interleaved runs.")
     waf = sc.get("waf") or {}
     if any(waf.get(k) for k in PROXIES):
