@@ -254,8 +254,10 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.closed = True
-        if self.splice is not None:
-            self._stop_splice()
+        splice = self.splice
+        if splice is not None:
+            splice.cancel()
+            self._splice_over(splice)
         drained = self.drained
         if drained is not None and not drained.done():
             drained.set_result(None)  # a file body being sent stops
@@ -889,8 +891,8 @@ class ClientConnection(asyncio.Protocol):
             self.close_after = True
         self.resp_chunked = chunked
         self.resp_started = True
-        if (framing == FRAMING_LENGTH and not chunked and up.content_length >= SPLICE_MIN and not ex.route.on_response_body
-                and ex.method != b"HEAD" and self.writes_h1 and isinstance(up, UpstreamConnection)):
+        if (framing == FRAMING_LENGTH and isinstance(up, UpstreamConnection) and up.content_length >= SPLICE_MIN
+                and not chunked and not ex.route.on_response_body and ex.method != b"HEAD" and self.writes_h1):
             up.bulk = True  # its body may go around Python once this read is written (try_splice)
         known = up.known_head
         if known is not None and self.writes_h1 and (not ex.route.on_response or ex.response_headers_raw == known[1]):
@@ -1012,12 +1014,8 @@ class ClientConnection(asyncio.Protocol):
         backend, "client_closed" for the client)."""
         if self.splice is not splice:
             return
-        self.splice = None
+        self._splice_over(splice)
         up = splice.up
-        ex = self.active
-        if ex is not None:
-            ex.bytes_out += splice.moved
-        self._count_spliced(splice.moved)
         if error is None:
             up.spliced()
             self.upstream_complete(up, up.keep_alive)
@@ -1027,19 +1025,15 @@ class ClientConnection(asyncio.Protocol):
             self.upstream_failed(up, error)
             up.close()
 
-    def _stop_splice(self) -> None:
-        splice = self.splice
+    def _splice_over(self, splice: BodySplice) -> None:
+        """What a splice moved is counted, for the exchange and the metric."""
         self.splice = None
-        splice.cancel()
         ex = self.active
         if ex is not None:
             ex.bytes_out += splice.moved
-        self._count_spliced(splice.moved)
-
-    def _count_spliced(self, moved: int) -> None:
         metrics = self.runtime.metrics
         if metrics is not None:
-            metrics.spliced_bytes += moved
+            metrics.spliced_bytes += splice.moved
 
     def upstream_complete(self, up, reusable: bool) -> None:
         ex = self.active

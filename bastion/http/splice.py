@@ -98,7 +98,6 @@ class BodySplice:
         if not self.open:
             return
         up = self.up
-        client = self.client
         want_read = want_write = False
         for _ in range(_ROUNDS):
             progressed = False

@@ -249,3 +249,78 @@ def test_body_from_an_https_backend_is_not_spliced(bastion, backend_factory, tmp
     assert head.startswith(b"HTTP/1.1 200") and body == expected_body(4 * MIB)  # plaintext, not TLS records
     time.sleep(1.5)  # (metrics are flushed every second)
     assert metric(b, "bastion_spliced_response_bytes_total") == 0
+
+
+class H2LengthBackend:
+    """A cleartext HTTP/2 server (prior knowledge, written with the h2 library) answering every request with
+    a body of `size` bytes and a Content-Length, as nginx or Envoy do for a file."""
+
+    def __init__(self, size: int):
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        self.h2 = h2
+        self.body = expected_body(size)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        self.sock.settimeout(30)
+        try:
+            while True:
+                conn, _ = self.sock.accept()
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        except OSError:
+            pass
+
+    def _serve(self, sock):
+        h2 = self.h2
+        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        pending: dict[int, bytes] = {}  # stream -> body bytes the flow-control window has not let out yet
+        with sock:
+            sock.settimeout(10)
+            sock.sendall(conn.data_to_send())
+            try:
+                while data := sock.recv(65536):
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.RequestReceived):
+                            conn.send_headers(event.stream_id, [(":status", "200"), ("content-length", str(len(self.body))),
+                                                                ("content-type", "application/octet-stream")])
+                            pending[event.stream_id] = self.body
+                    for stream_id, rest in list(pending.items()):
+                        allowed = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+                        while rest and allowed > 0:
+                            conn.send_data(stream_id, rest[:allowed])
+                            rest = rest[allowed:]
+                            allowed = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+                        if rest:
+                            pending[stream_id] = rest
+                        else:
+                            conn.end_stream(stream_id)
+                            del pending[stream_id]
+                    sock.sendall(conn.data_to_send())
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
+
+
+def test_body_with_a_length_from_an_http2_backend_is_streamed(bastion):
+    # (an HTTP/2 backend's body is never spliced: it comes in DATA frames; the choice must not trip on it)
+    for size in (1000, 3 * MIB):
+        h2_backend = H2LengthBackend(size)
+        try:
+            b = bastion({"routes": [{"upstream": {"servers": [h2_backend.address], "protocol": "h2"}}]})
+            with socket.create_connection(("127.0.0.1", b.port), timeout=10) as s:
+                s.sendall(b"GET /file HTTP/1.1\r\nHost: x\r\n\r\n")
+                head, body = read_response(s)
+            assert head.startswith(b"HTTP/1.1 200") and body == expected_body(size)
+            b.stop()
+        finally:
+            h2_backend.close()
