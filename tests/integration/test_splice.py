@@ -13,6 +13,7 @@ import urllib.request
 import trustme
 
 from tests.support.certs import server_cert_files
+from tests.support.raw import ThreadedServer
 
 MIB = 1 << 20
 PATTERN = b"0123456789abcdef" * 4096  # what the test backend's /bytes/N repeats
@@ -91,33 +92,19 @@ def test_large_bodies_arrive_whole_and_both_connections_stay_usable(bastion, bac
     assert 14 * MIB <= spliced <= 16 * MIB + 12345
 
 
-class TruncatingBackend:
+class TruncatingBackend(ThreadedServer):
     """Answers every request with a head promising `promised` body bytes, sends `sent` of them, and closes."""
 
     def __init__(self, promised: int, sent: int):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
         self.head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % promised
         self.sent = sent
-        threading.Thread(target=self._run, daemon=True).start()
+        super().__init__()
 
-    def _run(self):
-        self.sock.settimeout(30)
-        try:
-            while True:
-                conn, _ = self.sock.accept()
-                with conn:
-                    conn.settimeout(5)
-                    while b"\r\n\r\n" not in conn.recv(65536):
-                        pass
-                    conn.sendall(self.head + expected_body(self.sent))
-        except OSError:
+    def serve(self, conn):
+        conn.settimeout(5)
+        while b"\r\n\r\n" not in conn.recv(65536):
             pass
-
-    def close(self):
-        self.sock.close()
+        conn.sendall(self.head + expected_body(self.sent))
 
 
 def test_backend_closing_during_a_spliced_body_cuts_the_client(bastion, backend):
@@ -155,50 +142,37 @@ def test_backend_closing_during_a_spliced_body_cuts_the_client(bastion, backend)
         truncating.close()
 
 
-class EndlessBackend:
+class EndlessBackend(ThreadedServer):
     """Answers with a head promising 1 GiB, then either sends body bytes until its connection is taken
     away, or (`stall_after`) sends that many and then nothing; for at most 20 s. `ended` is set when the
     proxy let go of the connection (sending failed, or the connection was closed)."""
 
     def __init__(self, stall_after: int | None = None):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
         self.stall_after = stall_after
         self.ended = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
+        super().__init__()
 
-    def _run(self):
-        self.sock.settimeout(30)
-        try:
-            conn, _ = self.sock.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(1)
-            while b"\r\n\r\n" not in conn.recv(65536):
-                pass
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 30))
-            if self.stall_after is not None:
-                conn.sendall(expected_body(self.stall_after))
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                try:
-                    if self.stall_after is None:
-                        conn.sendall(PATTERN * 4)
-                    elif not conn.recv(65536):
-                        break
-                except socket.timeout:
-                    continue  # nothing taken, or nothing heard: keep trying until the deadline
-                except OSError:
+    def serve(self, conn):
+        conn.settimeout(1)
+        while b"\r\n\r\n" not in conn.recv(65536):
+            pass
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 30))
+        if self.stall_after is not None:
+            conn.sendall(expected_body(self.stall_after))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if self.stall_after is None:
+                    conn.sendall(PATTERN * 4)
+                elif not conn.recv(65536):
                     break
-            else:
-                return
-            self.ended.set()
-
-    def close(self):
-        self.sock.close()
+            except socket.timeout:
+                continue  # nothing taken, or nothing heard: keep trying until the deadline
+            except OSError:
+                break
+        else:
+            return
+        self.ended.set()
 
 
 def test_client_leaving_during_a_spliced_body_lets_the_backend_go(bastion):
@@ -251,64 +225,42 @@ def test_body_from_an_https_backend_is_not_spliced(bastion, backend_factory, tmp
     assert metric(b, "bastion_spliced_response_bytes_total") == 0
 
 
-class H2LengthBackend:
+class H2LengthBackend(ThreadedServer):
     """A cleartext HTTP/2 server (prior knowledge, written with the h2 library) answering every request with
     a body of `size` bytes and a Content-Length, as nginx or Envoy do for a file."""
 
     def __init__(self, size: int):
+        self.body = expected_body(size)
+        super().__init__()
+
+    def serve(self, sock):
         import h2.config
         import h2.connection
         import h2.events
 
-        self.h2 = h2
-        self.body = expected_body(size)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        self.sock.settimeout(30)
-        try:
-            while True:
-                conn, _ = self.sock.accept()
-                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-        except OSError:
-            pass
-
-    def _serve(self, sock):
-        h2 = self.h2
         conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=False))
         conn.initiate_connection()
         pending: dict[int, bytes] = {}  # stream -> body bytes the flow-control window has not let out yet
-        with sock:
-            sock.settimeout(10)
+        sock.settimeout(10)
+        sock.sendall(conn.data_to_send())
+        while data := sock.recv(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    conn.send_headers(event.stream_id, [(":status", "200"), ("content-length", str(len(self.body))),
+                                                        ("content-type", "application/octet-stream")])
+                    pending[event.stream_id] = self.body
+            for stream_id, rest in list(pending.items()):
+                allowed = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+                while rest and allowed > 0:
+                    conn.send_data(stream_id, rest[:allowed])
+                    rest = rest[allowed:]
+                    allowed = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+                if rest:
+                    pending[stream_id] = rest
+                else:
+                    conn.end_stream(stream_id)
+                    del pending[stream_id]
             sock.sendall(conn.data_to_send())
-            try:
-                while data := sock.recv(65536):
-                    for event in conn.receive_data(data):
-                        if isinstance(event, h2.events.RequestReceived):
-                            conn.send_headers(event.stream_id, [(":status", "200"), ("content-length", str(len(self.body))),
-                                                                ("content-type", "application/octet-stream")])
-                            pending[event.stream_id] = self.body
-                    for stream_id, rest in list(pending.items()):
-                        allowed = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
-                        while rest and allowed > 0:
-                            conn.send_data(stream_id, rest[:allowed])
-                            rest = rest[allowed:]
-                            allowed = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
-                        if rest:
-                            pending[stream_id] = rest
-                        else:
-                            conn.end_stream(stream_id)
-                            del pending[stream_id]
-                    sock.sendall(conn.data_to_send())
-            except OSError:
-                pass
-
-    def close(self):
-        self.sock.close()
 
 
 def test_body_with_a_length_from_an_http2_backend_is_streamed(bastion):

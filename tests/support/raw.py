@@ -128,3 +128,37 @@ class ResettingServer:
 
     def close(self):
         self.sock.close()
+
+
+class ThreadedServer:
+    """A TCP server on 127.0.0.1 that hands each connection to `serve(conn)` in a thread of its own (the
+    connection is closed when serve returns); for backends a test scripts byte by byte."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        try:
+            while True:
+                conn, _ = self.sock.accept()
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        except OSError:
+            pass  # closed
+
+    def _serve(self, conn):
+        with conn:
+            try:
+                self.serve(conn)
+            except OSError:
+                pass
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self):
+        self.sock.close()
