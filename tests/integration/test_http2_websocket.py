@@ -25,7 +25,7 @@ from websockets.streams import StreamReader
 
 from tests.support.certs import server_cert_files
 from tests.support.ports import free_port
-from tests.support.raw import RecordingServer
+from tests.support.raw import RecordingServer, ThreadedServer
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -191,7 +191,7 @@ class H2WebSocketClient:
         self.sock.close()
 
 
-class TunnelBackend:
+class TunnelBackend(ThreadedServer):
     """A raw backend: accepts an HTTP/1.1 WebSocket Upgrade with a correct 101 (or `answer`), records the
     request head, then runs `after(sock, self)` on the socket."""
 
@@ -201,21 +201,9 @@ class TunnelBackend:
         self.heads: list[bytes] = []
         self.events: list[str] = []
         self.sent = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
-        try:
-            while True:
-                conn, _ = self.sock.accept()
-                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-        except OSError:
-            pass
-
-    def _serve(self, conn):
+    def serve(self, conn):
         conn.settimeout(30)
         try:
             head = b""
@@ -236,11 +224,6 @@ class TunnelBackend:
             self.after(conn, self)
         except OSError as exc:
             self.events.append(f"error:{exc.__class__.__name__}")
-        finally:
-            conn.close()
-
-    def close(self):
-        self.sock.close()
 
 
 def wait_for(condition, timeout: float = 10) -> bool:

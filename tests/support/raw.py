@@ -104,32 +104,6 @@ class RecordingServer:
         self.sock.close()
 
 
-class ResettingServer:
-    """Accepts connections, reads the request, and resets the connection without answering."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        self.sock.settimeout(10)
-        try:
-            while True:
-                conn, _ = self.sock.accept()
-                conn.recv(65536)
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                conn.close()
-        except OSError:
-            pass
-
-    def close(self):
-        self.sock.close()
-
-
 class ThreadedServer:
     """A TCP server on 127.0.0.1 that hands each connection to `serve(conn)` in a thread of its own (the
     connection is closed when serve returns); for backends a test scripts byte by byte."""
@@ -162,3 +136,12 @@ class ThreadedServer:
 
     def close(self):
         self.sock.close()
+
+
+class ResettingServer(ThreadedServer):
+    """Accepts connections, reads the request, and resets the connection without answering."""
+
+    def serve(self, conn):
+        conn.settimeout(10)
+        conn.recv(65536)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
